@@ -1,0 +1,39 @@
+"""Shared fixtures: small synthetic pairs folders in the users' format (no Ray anywhere)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unet_ray import pairs
+
+
+@pytest.fixture
+def pairs_folder(tmp_path):
+    """A pairs folder with train/1..3.jpg and val/1..2.jpg."""
+    return pairs.write_synthetic(tmp_path / "pairs", 3, 2, seed=0)
+
+
+@pytest.fixture
+def make_pairs_folder(tmp_path):
+    """Factory: make_pairs_folder(n_train, n_val, seed=0, name="pairs") -> folder."""
+
+    def make(n_train: int, n_val: int, seed: int = 0, name: str = "pairs"):
+        return pairs.write_synthetic(tmp_path / name, n_train, n_val, seed=seed)
+
+    return make
+
+
+@pytest.fixture
+def pair_jpeg_bytes():
+    """One real synthetic pair as JPEG bytes."""
+    return pairs.synth_pair_bytes(np.random.default_rng(123))
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unet_ray import checkpoint
+from unet_ray.checkpoint import CheckpointError, load_model, load_state, resolve, save_state
+from unet_ray.config import TrainConfig
+from unet_ray.model import UNet, build_model
+
+
+def _small_config() -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.image_size = 64
+    cfg.model.depth = 2
+    cfg.model.base_channels = 4
+    return cfg
+
+
+def _state(cfg: TrainConfig | None = None, epoch: int = 3):
+    cfg = cfg or _small_config()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 3, 64, 64)).mean().backward()
+    optimizer.step()
+    return model, {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "metrics": {"val_iou": 0.5},
+        "config": cfg.to_dict(),
+    }
+
+
+def test_round_trip(tmp_path):
+    model, state = _state()
+    path = save_state(tmp_path / "ckpt", state)
+    assert path == tmp_path / "ckpt" / checkpoint.STATE_FILE
+    loaded = load_state(tmp_path / "ckpt")
+    assert loaded["format"] == checkpoint.FORMAT
+    assert loaded["epoch"] == 3
+    assert loaded["metrics"] == {"val_iou": 0.5}
+    assert loaded["config"] == state["config"]
+    assert loaded["model"].keys() == state["model"].keys()
+    for key, tensor in state["model"].items():
+        assert torch.equal(loaded["model"][key], tensor), key
+    assert loaded["optimizer"]["state"].keys() == state["optimizer"]["state"].keys()
+    # the file itself loads the same way as its folder
+    assert load_state(path)["epoch"] == 3
+
+
+def test_no_temp_files_left(tmp_path):
+    _, state = _state()
+    folder = tmp_path / "ckpt"
+    save_state(folder, state)
+    save_state(folder, {**state, "epoch": 4})  # overwrite in place
+    assert [p.name for p in folder.iterdir()] == [checkpoint.STATE_FILE]
+    assert load_state(folder)["epoch"] == 4
+
+
+def test_truncated_file_refused(tmp_path):
+    _, state = _state()
+    path = save_state(tmp_path / "ckpt", state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        load_state(tmp_path / "ckpt")
+    assert str(path) in str(info.value)
+
+
+def test_plain_dict_without_marker_refused(tmp_path):
+    _, state = _state()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"model": state["model"], "epoch": 1, "config": state["config"]}, folder / "state.pt")
+    with pytest.raises(CheckpointError, match="not a unet_ray checkpoint") as info:
+        load_state(folder)
+    assert str(folder / "state.pt") in str(info.value)
+
+
+def test_missing_keys_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    save_state(folder, {"model": {}, "epoch": 1})
+    with pytest.raises(CheckpointError, match="missing config"):
+        load_state(folder)
+
+
+def test_text_file_refused(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("definitely not a checkpoint\n")
+    with pytest.raises(CheckpointError) as info:
+        load_state(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_path_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist") as info:
+        load_state(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_folder_without_state_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no state.pt"):
+        resolve(tmp_path / "empty")
+
+
+def test_resolve_follows_best_json(tmp_path):
+    _, state = _state()
+    ckpt = tmp_path / "run" / "checkpoint_000003"
+    save_state(ckpt, state)
+    run = tmp_path / "run"
+    (run / "best.json").write_text(json.dumps({"checkpoint": str(ckpt), "val_iou": 0.5}))
+    assert resolve(run) == ckpt / "state.pt"
+    assert resolve(ckpt) == ckpt / "state.pt"
+    assert resolve(ckpt / "state.pt") == ckpt / "state.pt"
+    assert load_state(run)["epoch"] == 3
+
+
+def test_bad_best_json_refused(tmp_path):
+    (tmp_path / "best.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="best.json"):
+        resolve(tmp_path)
+    (tmp_path / "best.json").write_text(json.dumps({"something": "else"}))
+    with pytest.raises(CheckpointError, match="best.json"):
+        resolve(tmp_path)
+
+
+def test_load_model_builds_the_right_unet(tmp_path):
+    cfg = _small_config()
+    cfg.data.classes = "cityscapes19"
+    cfg.model.batch_norm = False
+    model, state = _state(cfg)
+    save_state(tmp_path / "ckpt", state)
+    loaded, loaded_cfg, raw = load_model(tmp_path / "ckpt")
+    assert isinstance(loaded, UNet)
+    assert not loaded.training
+    assert loaded.depth == 2 and loaded.head.out_channels == 19
+    assert loaded_cfg.to_dict() == cfg.to_dict()
+    assert raw["epoch"] == 3
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.eval()(x))
+
+
+def test_load_model_with_default_config(tmp_path):
+    model = UNet()  # the defaults of TrainConfig: road, depth 4, 16 channels, batch norm
+    save_state(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 0, "config": TrainConfig().to_dict()})
+    loaded, cfg, _ = load_model(tmp_path / "ckpt")
+    assert cfg.num_classes == 2 and loaded.head.out_channels == 1 and loaded.depth == 4
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor)
+
+
+def test_load_model_refuses_weights_that_do_not_fit(tmp_path):
+    cfg = _small_config()
+    other = UNet(num_classes=2, depth=3, base_channels=4)
+    save_state(tmp_path / "ckpt", {"model": other.state_dict(), "epoch": 0, "config": cfg.to_dict()})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_load_model_refuses_bad_config(tmp_path):
+    bad = TrainConfig().to_dict()
+    bad["model"]["colour"] = "blue"
+    save_state(tmp_path / "ckpt", {"model": UNet().state_dict(), "epoch": 0, "config": bad})
+    with pytest.raises(CheckpointError, match="model.colour"):
+        load_model(tmp_path / "ckpt")

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import torch
+
+from unet_ray import engine
+from unet_ray.metrics import ConfusionMatrix
+from unet_ray.model import UNet
+
+
+def _batch(n=4, size=32, seed=0):
+    """Images whose bright pixels are class 1: a pattern a tiny UNet learns in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(n, 1, size // 4, size // 4, generator=g) > 0.5).float()
+    mask = torch.nn.functional.interpolate(coarse, scale_factor=4, mode="nearest")[:, 0].to(torch.uint8)
+    noise = torch.randint(-20, 21, (n, size, size, 3), generator=g)
+    image = (mask[..., None].int() * 160 + 40 + noise).clamp(0, 255).to(torch.uint8)
+    return {"image": image, "mask": mask}
+
+
+def test_to_model_input():
+    images = torch.tensor([[[[0, 255, 127]]]], dtype=torch.uint8)  # (1, 1, 1, 3)
+    x = engine.to_model_input(images, torch.device("cpu"))
+    assert x.shape == (1, 3, 1, 1) and x.dtype == torch.float32
+    assert torch.allclose(x.flatten(), torch.tensor([-1.0, 1.0, 127 / 127.5 - 1]))
+    assert engine.to_model_input(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.device("cpu"), channels_last=True).is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    model = UNet(num_classes=2, depth=2, base_channels=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = _batch()
+    device = torch.device("cpu")
+    first = engine.train_one_epoch(model, [batch], optimizer, device)
+    assert first["train_images"] == 4
+    assert first["train_seconds"] >= 0
+    later = engine.train_one_epoch(model, [batch] * 30, optimizer, device)
+    assert later["train_images"] == 120
+    last = engine.train_one_epoch(model, [batch], optimizer, device)
+    assert last["train_loss"] < 0.5 * first["train_loss"], (first, last)
+    # and the model now segments the batch
+    cm = engine.evaluate(model, [batch], 2, device)
+    assert cm.compute()["iou_per_class"][1] > 0.8
+
+
+def test_training_with_dice_and_many_classes_runs():
+    torch.manual_seed(0)
+    model = UNet(num_classes=3, depth=1, base_channels=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    batch = _batch(n=2, size=16)
+    out = engine.train_one_epoch(model, [batch, batch], optimizer, torch.device("cpu"), dice_weight=0.5)
+    assert out["train_images"] == 4
+    assert torch.isfinite(torch.tensor(out["train_loss"])) and out["train_loss"] > 0
+
+
+def test_empty_epoch():
+    model = UNet(num_classes=2, depth=1, base_channels=4)
+    optimizer = torch.optim.Adam(model.parameters())
+    out = engine.train_one_epoch(model, [], optimizer, torch.device("cpu"))
+    assert out["train_loss"] == 0.0 and out["train_images"] == 0
+
+
+def test_evaluate_counts_non_ignored_pixels():
+    torch.manual_seed(0)
+    model = UNet(num_classes=2, depth=2, base_channels=4)
+    a, b = _batch(n=3, seed=1), _batch(n=2, seed=2)
+    a["mask"][:, :5] = 255
+    b["mask"][0] = 255
+    cm = engine.evaluate(model, [a, b], 2, torch.device("cpu"))
+    assert isinstance(cm, ConfusionMatrix)
+    expected = int((a["mask"] != 255).sum() + (b["mask"] != 255).sum())
+    assert int(cm.mat.sum()) == expected
+    assert not model.training  # evaluate leaves the model in eval mode
+
+
+def test_evaluate_multiclass_matches_manual_confusion():
+    torch.manual_seed(0)
+    model = UNet(num_classes=19, depth=2, base_channels=4).eval()
+    batch = _batch(n=2)
+    batch["mask"] = (batch["mask"] * 7).to(torch.uint8)
+    cm = engine.evaluate(model, [batch], 19, torch.device("cpu"))
+    with torch.no_grad():
+        pred = model(engine.to_model_input(batch["image"], torch.device("cpu"))).argmax(1)
+    manual = ConfusionMatrix(19)
+    manual.update(batch["mask"], pred)
+    assert torch.equal(cm.mat, manual.mat)

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unet_ray.losses import segmentation_loss, soft_dice_loss
+
+
+def _target(n=2, h=8, w=8, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, k, (n, h, w), generator=g)
+    t[:, :2] = 255  # the top two rows are ignored
+    return t
+
+
+@pytest.mark.parametrize("dice_weight", [0.0, 0.5])
+def test_bce_ignores_255(dice_weight):
+    t = _target(k=2)
+    logits = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    changed = logits.clone()
+    changed[:, :, :2] = 100.0 * torch.randn(2, 1, 2, 8)
+    a = segmentation_loss(logits, t, dice_weight)
+    b = segmentation_loss(changed, t, dice_weight)
+    assert torch.allclose(a, b)
+    # while changing a valid pixel does change it
+    changed[:, :, 5] += 3.0
+    assert not torch.allclose(a, segmentation_loss(changed, t, dice_weight))
+
+
+@pytest.mark.parametrize("dice_weight", [0.0, 0.5])
+def test_ce_ignores_255(dice_weight):
+    t = _target(k=5)
+    logits = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    changed = logits.clone()
+    changed[:, :, :2] = 100.0 * torch.randn(2, 5, 2, 8)
+    a = segmentation_loss(logits, t, dice_weight)
+    b = segmentation_loss(changed, t, dice_weight)
+    assert torch.allclose(a, b)
+    changed[:, :, 5] += torch.randn(2, 5, 8)
+    assert not torch.allclose(a, segmentation_loss(changed, t, dice_weight))
+
+
+def test_bce_value_matches_torch_over_valid_pixels():
+    t = _target(k=2)
+    logits = torch.randn(2, 1, 8, 8)
+    valid = t != 255
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0][valid], t[valid].float())
+    assert torch.allclose(segmentation_loss(logits, t), expected, atol=1e-6)
+
+
+def _confident(target, k, sign=1.0):
+    """Logits that predict `target` (sign=1) or something else (sign=-1) with high confidence."""
+    safe = target.masked_fill(target == 255, 0)
+    if k == 1:
+        return (sign * 20.0 * (2 * safe.float() - 1)).unsqueeze(1)
+    one_hot = torch.nn.functional.one_hot(safe, k).permute(0, 3, 1, 2).float()
+    return sign * 20.0 * (2 * one_hot - 1)
+
+
+@pytest.mark.parametrize("k,channels", [(2, 1), (4, 4)])
+def test_perfect_logits_give_near_zero_loss(k, channels):
+    t = _target(k=k)
+    logits = _confident(t, channels)
+    assert segmentation_loss(logits, t).item() < 1e-4
+    assert segmentation_loss(logits, t, dice_weight=1.0).item() < 1e-3
+
+
+@pytest.mark.parametrize("k,channels", [(2, 1), (4, 4)])
+def test_dice_term_increases_loss_of_wrong_prediction(k, channels):
+    t = _target(k=k)
+    wrong = _confident(t, channels, sign=-1.0)
+    plain = segmentation_loss(wrong, t)
+    with_dice = segmentation_loss(wrong, t, dice_weight=1.0)
+    assert plain.item() > 1.0
+    assert with_dice.item() > plain.item() + 0.5
+
+
+@pytest.mark.parametrize("channels,k", [(1, 2), (3, 3)])
+@pytest.mark.parametrize("dice_weight", [0.0, 1.0])
+def test_gradients_flow(channels, k, dice_weight):
+    t = _target(k=k)
+    logits = torch.randn(2, channels, 8, 8, requires_grad=True)
+    segmentation_loss(logits, t, dice_weight).backward()
+    g = logits.grad
+    assert g is not None and torch.isfinite(g).all()
+    assert g[:, :, 2:].abs().sum() > 0  # valid pixels get a gradient
+    if dice_weight == 0.0:
+        assert g[:, :, :2].abs().sum() == 0  # ignored pixels none
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("dice_weight", [0.0, 1.0])
+def test_all_ignored_batch_is_finite(channels, dice_weight):
+    # e.g. a crop that holds only void pixels: the loss must not turn the epoch's mean into NaN
+    t = torch.full((1, 4, 4), 255)
+    logits = torch.randn(1, channels, 4, 4, requires_grad=True)
+    loss = segmentation_loss(logits, t, dice_weight)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_ce_value_matches_torch_mean_over_valid_pixels():
+    t = _target(k=5)
+    logits = torch.randn(2, 5, 8, 8)
+    expected = torch.nn.functional.cross_entropy(logits, t, ignore_index=255)
+    assert torch.allclose(segmentation_loss(logits, t), expected, atol=1e-6)
+
+
+def test_soft_dice_bounds():
+    t = torch.tensor([[[0, 1], [1, 0]]])
+    valid = torch.ones_like(t, dtype=torch.bool)
+    perfect = torch.nn.functional.one_hot(t, 2).permute(0, 3, 1, 2).float()
+    assert soft_dice_loss(perfect, t, valid).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_dice_loss(1 - perfect, t, valid).item() > 0.6

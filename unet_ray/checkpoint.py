@@ -1,0 +1,92 @@
+"""Training state on disk: written atomically, read back with torch.load(weights_only=True).
+
+A checkpoint is a folder holding `state.pt`: model and optimizer state, the epoch just finished,
+its metrics and the run's config. The file is written to a temporary name, flushed and renamed,
+so a crash mid-write leaves either the previous file or none, never a half file that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+FORMAT = "unet_ray.checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it."""
+
+
+def save_state(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / STATE_FILE
+    tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, its state.pt, a training run folder or a Tune experiment -> state.pt.
+
+    A run or experiment folder resolves through the `best.json` that train and tune write.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / STATE_FILE).is_file():
+        return path / STATE_FILE
+    if path.is_dir() and (path / "best.json").is_file():
+        try:
+            best = json.loads((path / "best.json").read_text())["checkpoint"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / 'best.json'} is not a unet_ray summary ({e})") from None
+        return resolve(best)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    raise CheckpointError(f"{path} holds no {STATE_FILE} and no best.json: not a unet_ray checkpoint or run folder")
+
+
+def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; any problem is a CheckpointError naming the file."""
+    file = resolve(path)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file} is corrupt or not a PyTorch checkpoint ({first_line})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a unet_ray checkpoint (no '{FORMAT}' format marker)")
+    missing = {"model", "epoch", "config"} - state.keys()
+    if missing:
+        raise CheckpointError(f"{file} is missing {', '.join(sorted(missing))}")
+    return state
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(UNet with the checkpoint's weights in eval mode, its TrainConfig, the raw state)."""
+    from unet_ray.config import ConfigError, TrainConfig
+    from unet_ray.model import build_model
+
+    state = load_state(path, map_location=device)
+    try:
+        cfg = TrainConfig.from_dict(state["config"], origin=f"config in {resolve(path)}")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = build_model(cfg.model, cfg.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{resolve(path)}: weights do not fit the model its config describes ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg, state

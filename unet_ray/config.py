@@ -1,0 +1,206 @@
+"""One typed configuration for a training run, filled from defaults, then YAML, then CLI flags.
+
+Every key is checked before any Ray work starts: an unknown key, a wrong type or an impossible
+value (negative lr, a depth too deep for the image size, a missing data folder) is a ConfigError
+whose message names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unet_ray import palette
+
+MAX_DEPTH = 7
+MIN_BOTTLENECK = 2  # pixels left at the bottom of the UNet
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it."""
+
+
+@dataclass
+class DataSection:
+    path: str | None = None  # pairs folder or prepared folder; None trains on built-in synthetic pairs
+    image_size: int = 128
+    classes: str = "road"  # "road" (binary, as in the tutorial) or "cityscapes19"
+    augment: bool = True
+    skip_bad_files: bool = False
+    synth_train: int = 96  # size of the built-in synthetic data set
+    synth_val: int = 32
+
+
+@dataclass
+class ModelSection:
+    depth: int = 4  # number of 2x down-samplings
+    base_channels: int = 16
+    batch_norm: bool = True
+
+
+@dataclass
+class OptimSection:
+    epochs: int = 10
+    batch_size: int = 16  # per worker
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dice_weight: float = 0.0  # weight of the soft-Dice term added to BCE / CE
+
+
+@dataclass
+class RunSection:
+    workers: int = 2
+    gpu: bool = False
+    cpus_per_worker: float | None = None  # None: worked out from the cluster's CPUs
+    storage_path: str = "~/unet_ray_results"
+    name: str = "unet"
+    seed: int = 0
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = 2  # best ones by val_iou; the latest is always kept as well
+
+
+@dataclass
+class TrainConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    SECTIONS: typing.ClassVar[tuple[str, ...]] = ("data", "model", "optim", "run")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], origin: str = "config") -> "TrainConfig":
+        return merge(cls(), values, origin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, check_paths: bool = True) -> "TrainConfig":
+        _validate(self, check_paths)
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return palette.num_classes(self.data.classes)
+
+
+def merge(cfg: TrainConfig, values: dict[str, Any], origin: str) -> TrainConfig:
+    """A copy of cfg with `values` ({section: {key: value}} or {"section.key": value}) applied."""
+    cfg = TrainConfig(**{s: dataclasses.replace(getattr(cfg, s)) for s in TrainConfig.SECTIONS})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections ({', '.join(TrainConfig.SECTIONS)})")
+    for key, value in values.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            _set(cfg, section, name, value, origin)
+            continue
+        if key not in TrainConfig.SECTIONS:
+            raise ConfigError(f"{origin}: unknown section {key!r}; known: {', '.join(TrainConfig.SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: section {key!r} must be a mapping, got {value!r}")
+        for name, v in value.items():
+            _set(cfg, key, name, v, origin)
+    return cfg
+
+
+def _set(cfg: TrainConfig, section: str, name: str, value: Any, origin: str) -> None:
+    if section not in TrainConfig.SECTIONS:
+        raise ConfigError(f"{origin}: unknown section {section!r}; known: {', '.join(TrainConfig.SECTIONS)}")
+    obj = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if name not in fields:
+        raise ConfigError(f"{origin}: unknown key {section}.{name}; known in {section}: {', '.join(fields)}")
+    hint = typing.get_type_hints(type(obj))[name]
+    setattr(obj, name, coerce(value, hint, f"{origin}: {section}.{name}"))
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """value as the annotated type, or a ConfigError. YAML reads `1e-3` as a string: accept it."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            try:  # "--3" and "²" pass the check above but are no int: fall through to ConfigError
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _validate(cfg: TrainConfig, check_paths: bool) -> None:
+    d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(d.classes in palette.LABEL_SETS, f"data.classes={d.classes!r}: choose one of {', '.join(palette.LABEL_SETS)}")
+    need(32 <= d.image_size <= 1024, f"data.image_size={d.image_size}: must be between 32 and 1024")
+    need(d.synth_train >= 1 and d.synth_val >= 1, "data.synth_train and data.synth_val must be >= 1")
+    need(1 <= m.depth <= MAX_DEPTH, f"model.depth={m.depth}: must be between 1 and {MAX_DEPTH}")
+    need(
+        d.image_size % (2**m.depth) == 0 and d.image_size // 2**m.depth >= MIN_BOTTLENECK,
+        f"model.depth={m.depth} is too deep for data.image_size={d.image_size}: the size must be a multiple "
+        f"of 2**depth={2**m.depth} and leave at least {MIN_BOTTLENECK} pixels at the bottom",
+    )
+    need(1 <= m.base_channels <= 512, f"model.base_channels={m.base_channels}: must be between 1 and 512")
+    need(o.epochs >= 1, f"optim.epochs={o.epochs}: must be >= 1")
+    need(o.batch_size >= 1, f"optim.batch_size={o.batch_size}: must be >= 1")
+    need(0 < o.lr < 10, f"optim.lr={o.lr}: must be positive (and below 10)")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    need(o.dice_weight >= 0, f"optim.dice_weight={o.dice_weight}: must be >= 0")
+    need(r.workers >= 1, f"run.workers={r.workers}: must be >= 1")
+    need(r.cpus_per_worker is None or r.cpus_per_worker > 0, f"run.cpus_per_worker={r.cpus_per_worker}: must be > 0")
+    need(r.max_failures >= -1, f"run.max_failures={r.max_failures}: must be >= 0 (or -1 for no limit)")
+    need(r.keep_checkpoints >= 1, f"run.keep_checkpoints={r.keep_checkpoints}: must be >= 1")
+    need(bool(r.name) and "/" not in r.name and r.name not in (".", ".."), f"run.name={r.name!r}: must be a plain folder name")
+    if check_paths and d.path is not None and "://" not in d.path:
+        need(Path(d.path).expanduser().exists(), f"data.path={d.path}: no such folder")
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def storage_uri(storage_path: str) -> str:
+    """Ray wants an absolute path or a URI (s3://, gs://)."""
+    if "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path).expanduser().resolve())

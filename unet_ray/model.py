@@ -1,0 +1,86 @@
+"""The UNet of the tutorial, with depth and width as parameters.
+
+Down path: two 3x3 convs with LeakyReLU per level, then 2x max-pool. Up path: 2x transposed conv,
+concatenate the skip connection of the same level, two 3x3 convs. A 1x1 conv head gives one logit
+per pixel for the binary road task or C logits for C classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DoubleConv(nn.Sequential):
+    """(N, in, H, W) -> (N, out, H, W): two 3x3 convs, each with optional BatchNorm and LeakyReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, batch_norm: bool):
+        layers: list[nn.Module] = []
+        for c_in in (in_ch, out_ch):
+            layers.append(nn.Conv2d(c_in, out_ch, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.LeakyReLU(0.1, inplace=True))
+        super().__init__(*layers)
+
+
+class Down(nn.Sequential):
+    """(N, in, H, W) -> (N, out, H/2, W/2): max-pool, then DoubleConv."""
+
+    def __init__(self, in_ch: int, out_ch: int, batch_norm: bool):
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_ch, out_ch, batch_norm))
+
+
+class Up(nn.Module):
+    """(N, in, H, W) + skip (N, in/2, 2H, 2W) -> (N, out, 2H, 2W): transposed conv, concat, DoubleConv."""
+
+    def __init__(self, in_ch: int, out_ch: int, batch_norm: bool):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_ch, in_ch // 2, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_ch // 2 + out_ch, out_ch, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class UNet(nn.Module):
+    """(N, 3, H, W) float image -> (N, K, H, W) logits; K = 1 for road, else the number of classes."""
+
+    def __init__(self, num_classes: int = 2, depth: int = 4, base_channels: int = 16, batch_norm: bool = True):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.stem = DoubleConv(3, widths[0], batch_norm)
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], batch_norm) for i in range(depth))
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], batch_norm) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], out_channels(num_classes), kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2**self.depth or x.shape[-2] % 2**self.depth:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of 2**depth={2**self.depth}")
+        skips = [self.stem(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+
+def out_channels(num_classes: int) -> int:
+    """Binary tasks use a single logit (BCE, as in the tutorial); more classes one logit each."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def build_model(model_cfg, num_classes: int) -> UNet:
+    """UNet from a config.ModelSection (or anything with depth, base_channels, batch_norm)."""
+    return UNet(num_classes, model_cfg.depth, model_cfg.base_channels, model_cfg.batch_norm)
+
+
+def predict_classes(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K, H, W) logits -> (N, H, W) class ids: sigmoid > 0.5 for one logit, argmax otherwise."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(1)

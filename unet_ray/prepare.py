@@ -1,0 +1,187 @@
+"""Pairs folder -> prepared Parquet, with Ray Data.
+
+Layout of a prepared folder:
+    meta.json         format marker, image size, label set, class names, row counts, skipped files
+    train/*.parquet   columns id (file stem), split, image (raw uint8 S*S*3), mask (raw uint8 S*S)
+    val/*.parquet
+    skipped.txt       files left out with --skip-bad-files, one "path: reason" per line
+
+Images are stored decoded, resized and with class ids already computed, so a training epoch only
+reads bytes: no JPEG decoding and no palette matching per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unet_ray import palette
+from unet_ray.pairs import SPLITS, BadPairError, list_pairs, read_pair
+from unet_ray.transforms import resize_pair
+
+META_FILE = "meta.json"
+SKIPPED_FILE = "skipped.txt"
+FORMAT = "unet_ray.prepared/1"
+# Ray Data tasks ask for a quarter CPU: on a 2-CPU machine they must still fit beside training
+# workers (a task asking for a whole CPU would wait forever once workers hold the CPUs).
+DATA_TASK_CPUS = 0.25
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file or folder."""
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, label_set: str) -> dict[str, Any]:
+    """map_batches function: pair paths -> prepared rows. A bad file gives a row with `error` set."""
+    ids, images, masks, errors = [], [], [], []
+    for path in batch["path"]:
+        try:
+            pair = read_pair(path)
+            photo, train_ids = resize_pair(pair.photo, pair.train_ids, image_size)
+            images.append(photo.tobytes())
+            masks.append(palette.to_label_set(train_ids, label_set).tobytes())
+            errors.append("")
+        except BadPairError as e:
+            images.append(b"")
+            masks.append(b"")
+            errors.append(str(e))
+        ids.append(Path(path).stem)
+    return {
+        "id": np.array(ids, dtype=object),
+        "split": batch["split"],
+        "path": batch["path"],
+        "image": np.array(images, dtype=object),
+        "mask": np.array(masks, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def prepare(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    image_size: int = 128,
+    label_set: str = "road",
+    skip_bad_files: bool = False,
+    progress=print,
+) -> dict[str, Any]:
+    """Prepare `src` (train/ and val/ of pair JPEGs) into `out`; returns the meta written.
+
+    Without skip_bad_files any bad file stops the run with a DataError listing the bad files and
+    nothing is written. With it, bad files are left out, listed in skipped.txt and counted.
+    """
+    import ray
+
+    palette.check_label_set(label_set)
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    files: dict[str, list[Path]] = {}
+    for split in SPLITS:
+        try:
+            files[split] = list_pairs(src, split)
+        except FileNotFoundError as e:
+            raise DataError(str(e)) from None
+    total = sum(len(v) for v in files.values())
+    progress(f"prepare: {total} pair files in {src} ({', '.join(f'{s} {len(files[s])}' for s in SPLITS)})")
+
+    start = time.perf_counter()
+    items = [{"path": str(p), "split": s} for s in SPLITS for p in files[s]]
+    rows = ray.data.from_items(items, override_num_blocks=max(1, min(64, total // 32))).map_batches(
+        decode_batch,
+        fn_kwargs={"image_size": image_size, "label_set": label_set},
+        batch_size=32,
+        num_cpus=DATA_TASK_CPUS,
+    ).materialize()
+
+    bad = rows.filter(expr="error != ''").select_columns(["path", "error"]).take_all()
+    if bad and not skip_bad_files:
+        listing = "\n  ".join(r["error"] for r in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(
+            f"{len(bad)} of {total} pair files in {src} cannot be used:\n  {listing}{more}\n"
+            "Fix or remove them, or pass --skip-bad-files to leave them out (they are listed in "
+            f"{SKIPPED_FILE} next to the output)."
+        )
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    good = rows.filter(expr="error == ''").drop_columns(["error", "path"]).materialize()
+    counts = {}
+    for split in SPLITS:
+        part = good.filter(expr=f"split == '{split}'")
+        counts[split] = part.count()
+        if counts[split] == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{src / split}: no usable pair files (all {len(files[split])} were bad)")
+        part.write_parquet(str(tmp / split))
+    if bad:
+        (tmp / SKIPPED_FILE).write_text("".join(f"{r['path']}: {r['error']}\n" for r in bad))
+    meta = {
+        "format": FORMAT,
+        "image_size": image_size,
+        "classes": label_set,
+        "class_names": palette.class_names(label_set),
+        "counts": counts,
+        "skipped": len(bad),
+        "source": str(src),
+        "source_files": {s: len(files[s]) for s in SPLITS},
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    progress(
+        f"prepare: wrote {counts['train']} train and {counts['val']} val rows to {out} "
+        f"in {time.perf_counter() - start:.1f}s" + (f"; skipped {len(bad)} bad files (see {out / SKIPPED_FILE})" if bad else "")
+    )
+    return meta
+
+
+def looks_prepared(folder: str | os.PathLike) -> bool:
+    """A meta.json, or Parquet files where pairs would be: treat as prepared (read_meta checks it)."""
+    folder = Path(folder)
+    return (folder / META_FILE).is_file() or any(folder.glob("*.parquet")) or any(
+        any((folder / split).glob("*.parquet")) for split in SPLITS  # inner any(): a generator is always truthy
+    )
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """meta.json of a prepared folder, or a DataError saying why the folder is not one."""
+    folder = Path(folder).expanduser()
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        if any(folder.rglob("*.parquet")):
+            raise DataError(
+                f"{folder} holds Parquet files but no {META_FILE}: it was not written by `unet-ray prepare`. "
+                "Point --data at a pairs folder (train/ and val/ JPEGs) or at a prepared folder."
+            )
+        raise DataError(f"{folder} is neither a pairs folder (train/, val/) nor a prepared folder ({META_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as e:
+        raise DataError(f"{meta_file} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{meta_file} was not written by this version of `unet-ray prepare` (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    for split in SPLITS:
+        if not any((folder / split).glob("*.parquet")):
+            raise DataError(f"{folder / split} holds no Parquet files: the prepared folder is incomplete; prepare it again")
+    return meta
+
+
+def check_compatible(meta: dict[str, Any], folder: str | os.PathLike, label_set: str, image_size: int) -> None:
+    """Refuse prepared data whose label set or image size differs from what the run asks for."""
+    if meta["classes"] != label_set:
+        raise DataError(
+            f"{folder} was prepared for label set {meta['classes']!r}, but this run trains {label_set!r}. "
+            f"Prepare it again with --classes {label_set}, or train with --classes {meta['classes']}."
+        )
+    if meta["image_size"] != image_size:
+        raise DataError(
+            f"{folder} was prepared at image size {meta['image_size']}, but this run asks for {image_size}. "
+            f"Prepare it again with --image-size {image_size}, or train with --image-size {meta['image_size']}."
+        )

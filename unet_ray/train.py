@@ -1,0 +1,362 @@
+"""Ray Train: the per-worker loop and the driver that builds and runs the TorchTrainer.
+
+Three layers, as in Ray's own examples: `train_loop_per_worker` (runs on every worker),
+`run_training` (the driver: data, resources, trainer, summary) and, in tune.py, Tune around it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unet_ray import checkpoint as ckpt_io
+from unet_ray import engine, metrics
+from unet_ray.config import TrainConfig, storage_uri
+from unet_ray.model import build_model
+
+# CPUs kept free for Ray Data tasks when workers' CPUs are worked out automatically.
+DATA_RESERVE_CPUS = 0.5
+BEST_FILE = "best.json"
+WORKER_SOFT_LIMIT = 8  # idle worker processes a local Ray keeps alive
+
+
+class TrainingFailed(RuntimeError):
+    """The run failed; the message carries the first line of the root cause."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray session and resources
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_ray(progress=print) -> None:
+    """Join the cluster in RAY_ADDRESS (as inside `ray job submit`), else start a local Ray.
+
+    A local Ray binds every port, the dashboard included, to 127.0.0.1, and keeps Ray's token
+    authentication on.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+        progress(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
+    else:
+        # Without this Ray on Linux advertises the machine's network address, not loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray kills idle task workers beyond one per CPU. Our quarter-CPU data tasks then start a
+        # fresh process every epoch and pay ~2 s importing albumentations (and torch) each time.
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKER_SOFT_LIMIT))
+        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
+        progress(f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    from ray.data import DataContext
+
+    # Our own per-epoch lines show progress; Ray Data's bars flood non-terminal logs.
+    DataContext.get_current().enable_progress_bars = False
+
+
+@dataclass
+class WorkerResources:
+    cpus_per_worker: float
+    torch_threads: int
+    use_gpu: bool
+
+
+def plan_resources(cfg: TrainConfig, cluster_cpus: float, data_reserve: float = DATA_RESERVE_CPUS) -> WorkerResources:
+    """CPUs per training worker so that workers and Ray Data tasks always fit together.
+
+    With every CPU held by workers, data tasks could never start and the run would hang; so unless
+    the user says otherwise, workers share what is left after a reserve for data tasks.
+    """
+    r = cfg.run
+    if r.cpus_per_worker is not None:
+        cpus = r.cpus_per_worker
+    elif r.gpu:
+        cpus = max(1.0, min(4.0, (cluster_cpus - data_reserve) / r.workers))
+    else:
+        cpus = (cluster_cpus - data_reserve) / r.workers
+    if cpus * r.workers > cluster_cpus - 0.25 + 1e-9 and not r.gpu:
+        raise ValueError(
+            f"{r.workers} workers x {cpus:g} CPUs do not fit in {cluster_cpus:g} CPUs with room for data "
+            "tasks; use fewer workers or a smaller --cpus-per-worker"
+        )
+    cpus = math.floor(cpus * 100) / 100
+    return WorkerResources(cpus, torch_threads=max(1, int(cpus + 0.5)), use_gpu=r.gpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-worker loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(loop_config["cfg"])
+    torch.set_num_threads(loop_config["torch_threads"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    torch.manual_seed(cfg.run.seed)
+    net = build_model(cfg.model, cfg.num_classes)
+    if on_gpu:
+        net = net.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(net)
+    plain = getattr(model, "module", model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+    start_epoch, best_iou = 0, float("-inf")
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = ckpt_io.load_state(folder, map_location=device)
+        plain.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_iou = state["epoch"], state.get("best_val_iou", best_iou)
+        if rank == 0:
+            print(f"[unet-ray] resumed from epoch {start_epoch} checkpoint", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_size = cfg.optim.batch_size
+    for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
+        epoch_start = time.perf_counter()
+        stats = engine.train_one_epoch(
+            model,
+            train_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2),
+            optimizer,
+            device,
+            dice_weight=cfg.optim.dice_weight,
+            mixed_precision=on_gpu,
+            channels_last=on_gpu,
+        )
+        # Evaluate the unwrapped module: val shards may differ in batch count between workers, and
+        # a DDP forward could wait on a collective that the other rank never joins.
+        confusion = engine.evaluate(
+            plain,
+            val_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2),
+            cfg.num_classes,
+            device,
+            mixed_precision=on_gpu,
+            channels_last=on_gpu,
+        )
+        confusion.all_reduce()
+        scores = confusion.compute()
+        images, seconds, loss = _all_reduce_train_stats(stats, device)
+        report = {
+            "epoch": epoch,
+            **metrics.headline(scores, cfg.num_classes),
+            "val_miou": scores["miou"],
+            "val_pixel_accuracy": scores["pixel_accuracy"],
+            "val_iou_per_class": scores["iou_per_class"],
+            "val_pixels": int(confusion.mat.sum()),
+            "train_loss": loss,
+            "images_per_s": images / seconds if seconds > 0 else 0.0,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+        }
+        best_iou = max(best_iou, report["val_iou"])
+        report["best_val_iou"] = best_iou
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:  # one writer; every rank reports
+                ckpt_io.save_state(
+                    tmp,
+                    {
+                        "model": plain.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "best_val_iou": best_iou,
+                        "metrics": {k: v for k, v in report.items() if not isinstance(v, list)},
+                        "config": cfg.to_dict(),
+                    },
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                print(
+                    f"[unet-ray] epoch {epoch}/{cfg.optim.epochs}  loss {loss:.4f}  val_iou {report['val_iou']:.4f}  "
+                    f"pixel_acc {report['val_pixel_accuracy']:.4f}  {report['images_per_s']:.1f} img/s  "
+                    f"{report['epoch_seconds']:.1f}s",
+                    flush=True,
+                )
+            ray.train.report(report, checkpoint=checkpoint)
+
+
+def _all_reduce_train_stats(stats: dict[str, float], device: torch.device) -> tuple[float, float, float]:
+    """(images over all workers, slowest worker's seconds, mean loss over workers)."""
+    import torch.distributed as dist
+
+    images = torch.tensor([stats["train_images"], stats["train_loss"]], dtype=torch.float64, device=device)
+    seconds = torch.tensor([stats["train_seconds"]], dtype=torch.float64, device=device)
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        dist.all_reduce(images)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return float(images[0]), float(seconds[0]), float(images[1]) / world
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _val_unequal_data_config():
+    """Split train equally (DDP needs the same number of steps on every worker) and val unequally:
+    `equal=True` would drop rows, and validation must see every pixel."""
+    import ray.train
+
+    class SplitValUnequally(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, it in enumerate(ds.streaming_split(world_size, equal=(name == "train"), locality_hints=hints)):
+                    output[i][name] = it
+            return output
+
+    return SplitValUnequally()
+
+
+HISTORY_FILE = "history.jsonl"
+
+
+def history_callback(run_dir: Path):
+    """A Ray Train callback (it runs in the controller, once per report) that appends each epoch's
+    metrics and checkpoint path to run_dir/history.jsonl: the record of a run across restarts."""
+    from ray.train import UserCallback
+
+    class WriteHistory(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            row = {**metrics[0], "checkpoint": checkpoint.path if checkpoint else None, "time": time.time()}
+            with open(run_dir / HISTORY_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return WriteHistory()
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], run_name: str, storage: str, callbacks=()):
+    """The TorchTrainer for `cfg`; tune.py builds the same trainer inside each trial."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    res = plan_resources(cfg, ray.cluster_resources().get("CPU", 0))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "torch_threads": res.torch_threads},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute="val_iou",
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=_val_unequal_data_config(),
+    )
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    """Where the run's own files go (prepared data, history, best.json): inside the storage path
+    when it is a file system; for s3:// or gs:// storage, a local folder of the driver's node."""
+    storage = storage_uri(cfg.run.storage_path)
+    if "://" in storage:
+        return Path.home() / ".unet_ray" / cfg.run.name
+    return Path(storage) / cfg.run.name
+
+
+def fit(cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=(), progress=print) -> dict[str, Any]:
+    """Prepare data, train, and return the summary (best checkpoint and its metrics).
+
+    Shared by `unet-ray train` and every Tune trial. Re-running with the same storage and name
+    resumes from the latest checkpoint (Ray Train restores the run's checkpoint state).
+    """
+    from unet_ray.data import build_datasets, resolve_prepared
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared, meta = resolve_prepared(cfg, run_dir, progress)
+    progress(
+        f"data: {meta['counts']['train']} train / {meta['counts']['val']} val pairs at {meta['image_size']}px, "
+        f"label set {meta['classes']}"
+    )
+    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment)
+    trainer = build_trainer(cfg, datasets, run_name, storage, [history_callback(run_dir), *callbacks])
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; keep the user's message, not Ray's stack
+        raise TrainingFailed(f"training run {run_name} failed: {_root_cause(e)}") from e
+    if result.error is not None:
+        raise TrainingFailed(f"training run {run_name} failed: {_root_cause(result.error)}")
+    return summarize(result, run_dir)
+
+
+def summarize(result, run_dir: Path) -> dict[str, Any]:
+    """Pick the best checkpoint by val_iou and write best.json in the run folder."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("val_iou") is not None]
+    if not candidates:
+        raise TrainingFailed(f"run in {run_dir} finished without a checkpoint")
+    best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_iou"])
+    summary = {
+        "checkpoint": best_ckpt.path,
+        "metrics": {k: v for k, v in best_metrics.items() if not isinstance(v, (dict,))},
+        "last_metrics": dict(result.metrics or {}),
+        "run_path": result.path,
+    }
+    tmp = run_dir / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, run_dir / BEST_FILE)
+    return summary
+
+
+def _root_cause(error: BaseException) -> str:
+    seen = error
+    while seen.__cause__ is not None and seen.__cause__ is not seen:
+        seen = seen.__cause__
+    text = str(seen).strip() or type(seen).__name__
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Ray puts the remote traceback in the message; the last line is the exception itself.
+    return lines[-1] if lines else text
+
+
+def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
+    """`unet-ray train`: validate, start or join Ray, train, print and return the summary."""
+    cfg.validate()
+    ensure_ray(progress)
+    run_dir = run_dir_of(cfg)
+    summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress)
+    m = summary["metrics"]
+    progress(
+        f"done: best val_iou {m['val_iou']:.4f} at epoch {m['epoch']} "
+        f"(pixel accuracy {m['val_pixel_accuracy']:.4f}); best checkpoint: {summary['checkpoint']}"
+    )
+    progress(f"summary: {run_dir / BEST_FILE}")
+    return summary
