@@ -92,3 +92,46 @@ def test_prepared_data_for_another_label_set_is_refused(trained):
     other = small_config(cfg.run.storage_path, name="other", path=prepared, classes="cityscapes19")
     with pytest.raises(DataError, match="prepared for label set 'road'"):
         run_training(other)
+
+
+def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240) -> int:
+    """Wait (bounded) until `epoch` is in the run's history, then SIGKILL one RayTrainWorker."""
+    import os
+    import signal
+    import time
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if history_file.is_file() and any(json.loads(x)["epoch"] >= epoch for x in history_file.read_text().splitlines()):
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                return workers[-1].pid
+        time.sleep(0.05)
+    raise TimeoutError(f"epoch {epoch} never showed up in {history_file}")
+
+
+def test_killed_worker_restarts_from_latest_checkpoint(trained, tmp_path):
+    """SIGKILL a training worker during epoch 2: the run restarts its workers from the epoch-1
+    checkpoint, reports every epoch once and reaches the IoU of the uninterrupted run."""
+    import threading
+
+    from unet_ray.train import read_history, run_dir_of, run_training
+
+    reference_cfg, reference, _ = trained
+    cfg = small_config(tmp_path, name="killed")
+    killed = {}
+    watcher = threading.Thread(
+        target=lambda: killed.setdefault("pid", _kill_one_train_worker_after(run_dir_of(cfg) / "history.jsonl", 1)),
+        daemon=True,
+    )
+    watcher.start()
+    summary = run_training(cfg)
+    watcher.join(timeout=10)
+    assert killed.get("pid"), "no worker was killed"
+    history = read_history(run_dir_of(cfg))
+    assert [row["epoch"] for row in history] == list(range(1, cfg.optim.epochs + 1))
+    assert any(row["restored_from_epoch"] >= 1 for row in history), "the run never restarted from a checkpoint"
+    assert summary["metrics"]["val_iou"] == pytest.approx(reference["metrics"]["val_iou"], abs=0.12)

@@ -63,9 +63,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from unet_ray.prepare import prepare
+    from pathlib import Path
+
+    from unet_ray.prepare import list_source, prepare
     from unet_ray.train import ensure_ray
 
+    list_source(Path(args.src).expanduser())  # missing or empty train/, val/: an error before Ray
     ensure_ray()
     prepare(args.src, args.out, args.image_size, args.classes, args.skip_bad_files)
     return 0
@@ -84,6 +87,87 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.skip_bad_files)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from unet_ray.tune import load_sweep, run_sweep
+
+    given = {"data.path": args.data, "run.storage_path": args.storage_path, "run.name": args.name,
+             "tune.num_samples": args.num_samples}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    sweep = load_sweep(args.config, overrides)  # every check runs here, before Ray starts
+    run_sweep(sweep, resume=args.resume)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from unet_ray.predict import PredictionFailed, predict
+
+    try:
+        summary = predict(
+            args.checkpoint, args.input, args.out, workers=args.workers, gpu=args.gpu, overlay=args.overlay,
+            batch_size=args.batch_size, kind=args.input_kind, skip_existing=args.skip_existing,
+        )
+    except PredictionFailed as e:
+        print(f"unet-ray predict: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from unet_ray.export import ExportError, export
+
+    try:
+        path = export(args.checkpoint, args.format, args.out)
+    except ExportError as e:
+        print(f"unet-ray export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.format} model to {path}")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from unet_ray import cluster
+
+    temp_dir = args.temp_dir or cluster.DEFAULT_TEMP_DIR
+    try:
+        if args.action == "up":
+            started = cluster.start(temp_dir, args.port, args.dashboard_port, args.num_cpus, args.worker_nodes)
+            print(cluster.submit_hint(started))
+        elif args.action == "down":
+            print(cluster.down(temp_dir))
+        else:
+            print(cluster.status_text(temp_dir))
+    except cluster.ClusterError as e:
+        print(f"unet-ray cluster: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from unet_ray.dashboard.results import DashboardError
+    from unet_ray.dashboard.server import serve
+
+    try:
+        serve(args.results, args.host, args.port, args.refresh)
+    except DashboardError as e:
+        print(f"unet-ray dashboard: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from unet_ray.dashboard.report import write_report
+    from unet_ray.dashboard.results import DashboardError
+
+    try:
+        path = write_report(args.results, args.out)
+    except DashboardError as e:
+        print(f"unet-ray report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (self-contained: open it in any browser, no network needed)")
     return 0
 
 
@@ -110,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("tune", help="Ray Tune sweep over lr, depth, ...; every trial a Ray Train run")
+    p.add_argument("--config", required=True, help="tune YAML, e.g. tune_configs/smoke.yaml")
+    p.add_argument("--data", help="pairs folder or prepared folder (default: built-in synthetic pairs)")
+    p.add_argument("--storage-path", help="where the experiment folder goes")
+    p.add_argument("--name", help="experiment name (default: the YAML's run.name or file name)")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a pairs or prepared folder, as JSON")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, state.pt, or a run folder (uses its best.json)")
     p.add_argument("--data", required=True)
@@ -117,6 +210,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--skip-bad-files", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="masks for photos or pair files with Ray Data: <name>_mask.png, <name>_color.png (+ IoU for pairs)",
+        description="Predict class masks for any number of photos with a pool of model actors (Ray Data). "
+        "Photos of any size are resized to the model's square size (area interpolation) and the masks "
+        "back to each photo's size (nearest neighbour). Pair files (256x512 photo | colour mask) are "
+        "predicted from their left half and scored against the right half: the IoU printed equals "
+        "`unet-ray evaluate` on the same files. Unreadable files are skipped and listed in OUT/skipped.txt.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, state.pt, or a run/Tune folder (its best.json)")
+    p.add_argument("--input", required=True, nargs="+", metavar="DIR_OR_FILE",
+                   help="photo files, photo folders (searched recursively) or pairs folders (train/, val/)")
+    p.add_argument("--out", required=True, help="output folder (also gets summary.json and skipped.txt)")
+    p.add_argument("--workers", type=int, default=2, help="model actors (default 2; with --gpu one GPU each)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png (photo blended with the colours)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
+    p.add_argument("--input-kind", default="auto", choices=["auto", "photo", "pair"],
+                   help="auto: a 256x512 file whose right half is a colour mask is a pair, anything else a photo")
+    p.add_argument("--skip-existing", action="store_true", help="leave out files whose outputs are already in --out")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint's model as one ONNX or TorchScript file",
+        description="Export the UNet alone. Input 'image': float32 (N, 3, S, S), RGB, uint8 / 127.5 - 1 "
+        "(the same preprocessing as engine.to_model_input), S = the checkpoint's image size, N dynamic. "
+        "Output 'logits': (N, K, S, S); K = 1 for road (road where logit > 0), else argmax over classes. "
+        "Size, classes and this description are stored in the file's metadata. TorchScript is "
+        "deprecated in PyTorch; prefer ONNX.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, state.pt, or a run/Tune folder (its best.json)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "cluster",
+        help="a local Ray cluster on 127.0.0.1 (token auth on) to try `ray job submit`: up, down, status",
+        description="Start, stop or show a Ray cluster on this machine, every port on 127.0.0.1, token "
+        "authentication on. A cluster is named by its --temp-dir (state and logs live there); `down` "
+        "stops only that cluster's processes. For cloud clusters see cluster/README.md.",
+    )
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--temp-dir", help="the cluster's folder (default /tmp/unet_ray_cluster)")
+    p.add_argument("--port", type=int, default=6379, help="GCS port: RAY_ADDRESS=127.0.0.1:PORT (up; default 6379)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job submission port (up; default 8265)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of each node (up; default: all of this machine's)")
+    p.add_argument("--worker-nodes", type=int, default=0, help="extra nodes on this machine, to try multi-node runs (up)")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="web page of a Tune sweep (trials, curves, search space, best predictions), live while it runs",
+        description="Serve a page over a sweep's experiment folder (<storage>/<name> of `unet-ray tune`) that "
+        "refreshes itself while the sweep runs. Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("--results", required=True, metavar="EXPERIMENT_DIR", help="the sweep's folder, e.g. ~/unet_ray_results/smoke")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
+    p.add_argument("--refresh", type=float, default=3.0, help="seconds between the page's updates (default 3)")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("report", help="the dashboard of a sweep as one self-contained HTML file (no network needed)")
+    p.add_argument("--results", required=True, metavar="EXPERIMENT_DIR", help="the sweep's folder, e.g. ~/unet_ray_results/smoke")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -53,6 +53,21 @@ def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict
     return datasets
 
 
+def check_source(cfg: TrainConfig) -> None:
+    """Cheap checks of `data.path`, run before Ray starts: a missing folder, an empty or missing
+    train/ or val/, foreign Parquet, or data prepared for another label set or size."""
+    if cfg.data.path is None:
+        return
+    source = Path(cfg.data.path).expanduser()
+    if not source.exists():
+        raise DataError(f"data folder {source} does not exist")
+    if looks_prepared(source) or not pairs.is_pairs_folder(source):
+        check_compatible(read_meta(source), source, cfg.data.classes, cfg.data.image_size)
+    else:
+        for split in pairs.SPLITS:
+            _count_files(source, split)
+
+
 def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[Path, dict[str, Any]]:
     """The prepared folder this run trains on, and its meta.
 

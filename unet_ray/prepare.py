@@ -62,6 +62,17 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, label_set: str) 
     }
 
 
+def list_source(src: Path) -> dict[str, list[Path]]:
+    """The pair files of train/ and val/; a DataError when either is missing or empty."""
+    files: dict[str, list[Path]] = {}
+    for split in SPLITS:
+        try:
+            files[split] = list_pairs(src, split)
+        except FileNotFoundError as e:
+            raise DataError(str(e)) from None
+    return files
+
+
 def prepare(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -79,12 +90,7 @@ def prepare(
 
     palette.check_label_set(label_set)
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
-    files: dict[str, list[Path]] = {}
-    for split in SPLITS:
-        try:
-            files[split] = list_pairs(src, split)
-        except FileNotFoundError as e:
-            raise DataError(str(e)) from None
+    files = list_source(src)
     total = sum(len(v) for v in files.values())
     progress(f"prepare: {total} pair files in {src} ({', '.join(f'{s} {len(files[s])}' for s in SPLITS)})")
 

@@ -59,10 +59,6 @@ def ensure_ray(progress=print) -> None:
         os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKER_SOFT_LIMIT))
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
         progress(f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs")
-    from ray.data import DataContext
-
-    # Our own per-epoch lines show progress; Ray Data's bars flood non-terminal logs.
-    DataContext.get_current().enable_progress_bars = False
 
 
 @dataclass
@@ -118,7 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     plain = getattr(model, "module", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
-    start_epoch, best_iou = 0, float("-inf")
+    start_epoch, best_iou, restored_from = 0, float("-inf"), 0
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
@@ -126,6 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         plain.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_iou = state["epoch"], state.get("best_val_iou", best_iou)
+        restored_from = start_epoch
         if rank == 0:
             print(f"[unet-ray] resumed from epoch {start_epoch} checkpoint", flush=True)
 
@@ -166,7 +163,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss,
             "images_per_s": images / seconds if seconds > 0 else 0.0,
             "epoch_seconds": time.perf_counter() - epoch_start,
+            "restored_from_epoch": restored_from,  # > 0 on the first epoch after a restart or resume
         }
+        restored_from = 0
         best_iou = max(best_iou, report["val_iou"])
         report["best_val_iou"] = best_iou
         with tempfile.TemporaryDirectory() as tmp:
@@ -300,8 +299,13 @@ def fit(cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=
     Shared by `unet-ray train` and every Tune trial. Re-running with the same storage and name
     resumes from the latest checkpoint (Ray Train restores the run's checkpoint state).
     """
+    from ray.data import DataContext
+
     from unet_ray.data import build_datasets, resolve_prepared
 
+    # Our own per-epoch lines show progress; Ray Data's bars flood logs that are not terminals.
+    # Set here, not in ensure_ray, so that Tune trial processes get it too.
+    DataContext.get_current().enable_progress_bars = False
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared, meta = resolve_prepared(cfg, run_dir, progress)
     progress(
@@ -349,7 +353,10 @@ def _root_cause(error: BaseException) -> str:
 
 def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
     """`unet-ray train`: validate, start or join Ray, train, print and return the summary."""
+    from unet_ray.data import check_source
+
     cfg.validate()
+    check_source(cfg)  # bad data is a clear error before any Ray work
     ensure_ray(progress)
     run_dir = run_dir_of(cfg)
     summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress)

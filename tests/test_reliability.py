@@ -1,0 +1,136 @@
+"""Reliability: bad input gives clear messages (or is skipped and counted), a killed driver's run
+resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unet_ray import pairs
+from unet_ray.cli import main
+
+BAD_FILES = {
+    # name: (how to write it, the words the message must contain)
+    "text.jpg": (lambda p: p.write_text("not an image"), "not a readable image"),
+    "truncated.jpg": (lambda p: p.write_bytes(pairs.synth_pair_bytes(np.random.default_rng(1))[:3000]), "truncated.jpg"),
+    "empty.jpg": (lambda p: p.write_bytes(b""), "empty file"),
+    "square.jpg": (lambda p: Image.new("RGB", (256, 256)).save(p, "JPEG"), "256x256"),
+    "gray.jpg": (lambda p: Image.new("L", (512, 256)).save(p, "JPEG"), "grayscale"),
+    "rgba.jpg": (lambda p: Image.new("RGBA", (512, 256)).save(p, "PNG"), "RGBA"),
+    "noise.jpg": (
+        lambda p: Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 512, 3), dtype=np.uint8)).save(p, "JPEG"),
+        "colour mask",
+    ),
+    "unreadable.jpg": (lambda p: p.symlink_to(p.parent / "missing-target.jpg"), "cannot be read"),
+}
+
+
+@pytest.fixture
+def bad_pairs(tmp_path):
+    root = pairs.write_synthetic(tmp_path / "pairs", 6, 3, seed=0)
+    for name, (write, _) in BAD_FILES.items():
+        write(root / "train" / name)
+    return root
+
+
+def test_missing_or_empty_split_is_refused_before_ray(tmp_path, capsys):
+    root = pairs.write_synthetic(tmp_path / "pairs", 2, 1)
+    for f in (root / "val").iterdir():
+        f.unlink()
+    assert main(["prepare", "--src", str(root), "--out", str(tmp_path / "out")]) == 2
+    assert "val holds no .jpg/.png pair files" in capsys.readouterr().err
+    (root / "val").rmdir()
+    assert main(["train", "--data", str(root), "--storage-path", str(tmp_path / "r")]) == 2
+    assert "val does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
+
+
+def test_foreign_parquet_is_refused(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "foreign" / "train").mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "foreign" / "train" / "part.parquet")
+    assert main(["train", "--data", str(tmp_path / "foreign"), "--storage-path", str(tmp_path / "r")]) == 2
+    assert "not written by `unet-ray prepare`" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+class TestBadInputThroughRay:
+    """prepare (and train, which prepares on the way) through a real Ray Data pipeline."""
+
+    @pytest.fixture(scope="class", autouse=True)
+    def ray_session(self):
+        import ray
+
+        from unet_ray.train import ensure_ray
+
+        ensure_ray()
+        yield
+        ray.shutdown()
+
+    def test_prepare_names_every_bad_file(self, bad_pairs, tmp_path, capsys):
+        assert main(["prepare", "--src", str(bad_pairs), "--out", str(tmp_path / "out"), "--image-size", "64"]) == 2
+        err = capsys.readouterr().err
+        assert f"{len(BAD_FILES)} of {6 + 3 + len(BAD_FILES)} pair files" in err
+        for name, (_, words) in BAD_FILES.items():
+            line = next((ln for ln in err.splitlines() if name in ln), "")
+            assert words in line, f"{name}: {line!r}"
+        assert not (tmp_path / "out").exists()  # nothing half-written
+
+    def test_prepare_skips_and_counts_when_allowed(self, bad_pairs, tmp_path, capsys):
+        out = tmp_path / "out"
+        assert main(["prepare", "--src", str(bad_pairs), "--out", str(out), "--image-size", "64", "--skip-bad-files"]) == 0
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["counts"] == {"train": 6, "val": 3} and meta["skipped"] == len(BAD_FILES)
+        skipped = (out / "skipped.txt").read_text().splitlines()
+        assert sorted(Path(line.split(": ")[0]).name for line in skipped) == sorted(BAD_FILES)
+        assert f"skipped {len(BAD_FILES)} bad files" in capsys.readouterr().out
+
+    def test_train_on_bad_pairs_names_the_file(self, bad_pairs, tmp_path, capsys):
+        code = main(["train", "--data", str(bad_pairs), "--storage-path", str(tmp_path / "r"), "--image-size", "64"])
+        assert code == 2
+        assert "empty.jpg: empty file" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_killed_driver_resumes_at_next_epoch(tmp_path):
+    """SIGKILL the whole `unet-ray train` process group after its second checkpoint; the same
+    command again resumes at epoch 3 and finishes."""
+    cmd = [
+        sys.executable, "-m", "unet_ray.cli", "train", "--storage-path", str(tmp_path), "--name", "driver",
+        "--image-size", "64", "--depth", "3", "--base-channels", "8", "--epochs", "4", "--batch-size", "8",
+        "--lr", "3e-3", "--workers", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    history = tmp_path / "driver" / "history.jsonl"
+
+    def epochs():
+        return [json.loads(x)["epoch"] for x in history.read_text().splitlines()] if history.is_file() else []
+
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while len(epochs()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(timeout=30)
+    done_before = epochs()
+    assert len(done_before) >= 2, (tmp_path / "first.log").read_text()[-3000:]
+    assert len(done_before) < 4, "the run finished before it could be killed"
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resumed from epoch {done_before[-1]} checkpoint" in rerun.stdout + rerun.stderr
+    assert epochs() == [1, 2, 3, 4]

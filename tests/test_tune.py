@@ -1,0 +1,144 @@
+"""Ray Tune sweeps: YAML checks (no Ray), and one real sweep on 2 CPUs, interrupted and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unet_ray.config import ConfigError
+from unet_ray.tune import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "tune_configs" / "smoke.yaml"
+
+
+def write_yaml(tmp_path, **changes):
+    values = yaml.safe_load(SMOKE.read_text())
+    for key, value in changes.items():
+        section, name = key.split(".")
+        values.setdefault(section, {})[name] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize("yaml_name", ["smoke.yaml", "lr_depth.yaml", "example.yaml"])
+def test_shipped_configs_load(yaml_name):
+    sweep = load_sweep(REPO / "tune_configs" / yaml_name)
+    assert "lr" in sweep.search and "depth" in sweep.search
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tune.num_samplez": 3}, "unknown key tune.num_samplez"),
+        ({"optim.lrr": 0.1}, "unknown key optim.lrr"),
+        ({"search.depth": {"choice": []}}, "non-empty list"),
+        ({"search.lr": {"loguniform": [-1e-3, 1e-2]}}, "must be positive"),
+        ({"search.lr": {"uniform": [1e-2, 1e-3]}}, "low < high"),
+        ({"search.depth": {"choice": [3, 9]}}, "value 9 is not valid"),
+        ({"search.momentum": {"choice": [0.9]}}, "unknown search key"),
+        ({"tune.scheduler": "pbt"}, "choose asha or fifo"),
+    ],
+)
+def test_bad_sweep_yaml_is_refused_before_any_trial(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_yaml(tmp_path, **change))
+
+
+def test_cli_refuses_bad_yaml_before_ray_starts(tmp_path, capsys):
+    from unet_ray.cli import main
+
+    bad = write_yaml(tmp_path, **{"search.depth": {"choice": []}})
+    assert main(["tune", "--config", str(bad), "--storage-path", str(tmp_path / "results")]) == 2
+    assert "search.depth" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()  # no experiment was started
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
+
+
+def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Every result row Tune recorded, by trial id (from the trial folders' result.json)."""
+    rows = {}
+    for result_file in experiment.glob("*/result.json"):
+        lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        if lines:
+            rows[lines[0]["trial_id"]] = lines
+    return rows
+
+
+def _history(experiment: Path, trial: str) -> list[int]:
+    path = experiment / "runs" / trial / "history.jsonl"
+    return [json.loads(x)["epoch"] for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _finished_trials(experiment: Path) -> int:
+    return sum(1 for rows in _trial_rows(experiment).values() if rows[-1].get("done"))
+
+
+@pytest.mark.ray
+def test_sweep_interrupted_then_resumed(tmp_path):
+    storage = tmp_path / "results"
+    cmd = [sys.executable, "-m", "unet_ray.cli", "tune", "--config", str(SMOKE), "--storage-path", str(storage)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    experiment = storage / "smoke"
+
+    # 1. start the sweep, Ctrl-C it once a trial has finished
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while _finished_trials(experiment) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(2)
+    assert _finished_trials(experiment) >= 1, (tmp_path / "first.log").read_text()[-3000:]
+    interrupted = proc.poll() is None
+    if interrupted:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    finished_before = {t for t, rows in _trial_rows(experiment).items() if rows[-1].get("done")}
+    histories_before = {t: _history(experiment, t) for t in _trial_rows(experiment)}
+
+    # 2. resume: finished trials are not run again, the others complete
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=500)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = _trial_rows(experiment)
+    assert len(rows) == 4
+    for trial, trial_rows in rows.items():
+        assert trial_rows[-1].get("done"), trial
+        # the Train run's own record: every epoch once, across the interruption
+        history = _history(experiment, trial)
+        assert history == list(range(1, len(history) + 1)), f"{trial} trained an epoch twice: {history}"
+        if trial in finished_before:
+            assert history == histories_before[trial], f"finished trial {trial} ran again"
+        # Tune restarts an unfinished trial's result.json; its rows are the epochs run since
+        tune_epochs = [r["epoch"] for r in trial_rows]
+        assert tune_epochs == history[len(history) - len(tune_epochs):]
+
+    # ASHA stopped at least one trial before its last epoch
+    max_epochs = yaml.safe_load(SMOKE.read_text())["optim"]["epochs"]
+    assert any(r[-1]["epoch"] < max_epochs for r in rows.values()), {t: len(r) for t, r in rows.items()}
+
+    # best.json names the trial with the highest reported val_iou, and its checkpoint evaluates to it
+    best = json.loads((experiment / "best.json").read_text())
+    reported = {t: [json.loads(x)["val_iou"] for x in (experiment / "runs" / t / "history.jsonl").read_text().splitlines()] for t in rows}
+    top = max(reported, key=lambda t: max(reported[t]))
+    assert best["trial_id"] == top
+    assert best["val_iou"] == pytest.approx(max(reported[top]))
+    from unet_ray.evaluate import evaluate_checkpoint
+
+    evaluated = evaluate_checkpoint(experiment, best["prepared"])
+    assert evaluated["val_iou"] == pytest.approx(best["val_iou"], abs=1e-6)
+
+    # TensorBoard can read the sweep
+    assert list(experiment.glob("*/events.out.tfevents.*"))

@@ -1,0 +1,311 @@
+"""Ray Tune around the training driver: every trial is a full Ray Train run.
+
+The Ray 2.60 way: a function trial builds the same TorchTrainer as `unet-ray train` (through
+`train.fit`, imported, not copied) and forwards its reports to Tune with `TuneReportCallback`.
+ASHA stops poor trials early; an interrupted sweep continues with `--resume`.
+
+Layout under <storage>/<name>/ (Tune's experiment folder):
+    <trial folders>            Tune's own: params.json, result.json, progress.csv, TensorBoard events
+    prepared/                  the data, prepared once by the driver for all trials
+    runs/<trial_id>/           each trial's Ray Train run: checkpoints, history.jsonl
+    best.json                  the best trial: id, config, val_iou, checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unet_ray.config import ConfigError, TrainConfig, coerce, load_yaml, merge, storage_uri
+
+# Search keys of the YAML `search:` section and the config field each one sets.
+SEARCHABLE = {
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "dice_weight": "optim.dice_weight",
+    "batch_size": "optim.batch_size",
+    "depth": "model.depth",
+    "base_channels": "model.base_channels",
+}
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+RUNS_DIR = "runs"
+BEST_FILE = "best.json"
+TRIAL_DRIVER_CPUS = 0.01  # a trial's own process only waits on its TorchTrainer
+
+
+@dataclass
+class TuneSection:
+    num_samples: int = 4
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = 2.0
+    searcher: str = "random"  # random | optuna
+    seed: int | None = 0
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's resources allow
+
+
+@dataclass
+class SweepConfig:
+    base: TrainConfig
+    search: dict[str, dict[str, Any]]
+    tune: TuneSection = field(default_factory=TuneSection)
+
+
+def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and check a tune YAML; every mistake is a ConfigError before any trial starts."""
+    raw = load_yaml(path)
+    origin = str(path)
+    search = raw.pop("search", None)
+    tune_raw = raw.pop("tune", {}) or {}
+    overrides = dict(overrides or {})
+    num_samples = overrides.pop("tune.num_samples", None)
+    base = merge(TrainConfig(), raw, origin)
+    if overrides:
+        base = merge(base, overrides, "command line")
+    if "run.name" not in overrides and "name" not in (raw.get("run") or {}):
+        base.run.name = Path(path).stem
+    base.validate()
+    if not isinstance(tune_raw, dict):
+        raise ConfigError(f"{origin}: tune: must be a mapping")
+    tune_section = TuneSection()
+    hints = typing.get_type_hints(TuneSection)
+    for key, value in tune_raw.items():
+        if key not in hints:
+            raise ConfigError(f"{origin}: unknown key tune.{key}; known: {', '.join(hints)}")
+        setattr(tune_section, key, coerce(value, hints[key], f"{origin}: tune.{key}"))
+    if num_samples is not None:
+        tune_section.num_samples = num_samples
+    _check_tune(tune_section, origin)
+    sweep = SweepConfig(base, _check_search(search, base, origin), tune_section)
+    return sweep
+
+
+def _check_tune(t: TuneSection, origin: str) -> None:
+    if t.num_samples < 1:
+        raise ConfigError(f"{origin}: tune.num_samples={t.num_samples}: must be >= 1")
+    if t.scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"{origin}: tune.scheduler={t.scheduler!r}: choose asha or fifo")
+    if t.searcher not in ("random", "optuna"):
+        raise ConfigError(f"{origin}: tune.searcher={t.searcher!r}: choose random or optuna")
+    if t.grace_period < 1 or t.reduction_factor <= 1:
+        raise ConfigError(f"{origin}: tune.grace_period must be >= 1 and tune.reduction_factor > 1")
+    if t.max_concurrent_trials is not None and t.max_concurrent_trials < 1:
+        raise ConfigError(f"{origin}: tune.max_concurrent_trials must be >= 1")
+
+
+def _check_search(search: Any, base: TrainConfig, origin: str) -> dict[str, dict[str, Any]]:
+    """Each key searchable, each distribution well formed, and every value it can take valid."""
+    if not isinstance(search, dict) or not search:
+        raise ConfigError(f"{origin}: a `search:` section with at least one of {', '.join(SEARCHABLE)} is required")
+    checked = {}
+    for key, spec in search.items():
+        where = f"{origin}: search.{key}"
+        if key not in SEARCHABLE:
+            raise ConfigError(f"{where}: unknown search key; searchable: {', '.join(SEARCHABLE)}")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-4, 1e-2]}}")
+        kind, values = next(iter(spec.items()))
+        section, name = SEARCHABLE[key].split(".")
+        hint = type(getattr(getattr(base, section), name))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {kind} needs a non-empty list, got {values!r}")
+        values = [coerce(v, hint, where) for v in values]
+        if kind == "choice":
+            candidates = values
+        else:
+            if len(values) != 2 or not values[0] < values[1]:
+                raise ConfigError(f"{where}: {kind} needs [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}: loguniform bounds must be positive, got {values}")
+            candidates = values
+        for v in candidates:  # each bound / choice must make a valid run config
+            try:
+                merge(base, {SEARCHABLE[key]: v}, where).validate(check_paths=False)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: value {v!r} is not valid here: {e}") from None
+        checked[key] = {kind: values}
+    return checked
+
+
+def param_space(search: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": lambda a, b: tune.randint(a, b + 1)}
+    space = {}
+    for key, spec in search.items():
+        kind, values = next(iter(spec.items()))
+        space[key] = tune.choice(values) if kind == "choice" else make[kind](*values)
+    return space
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], prepared: str) -> TrainConfig:
+    cfg = merge(TrainConfig.from_dict(base), {SEARCHABLE[k]: v for k, v in params.items() if k in SEARCHABLE}, "trial")
+    cfg.data.path = prepared
+    return cfg.validate()
+
+
+def make_trainable(base: dict[str, Any], prepared: str, experiment: str):
+    """The function each trial runs: one Ray Train run of the shared driver, reporting to Tune."""
+
+    def run_trial(params: dict[str, Any]) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from unet_ray.train import fit
+
+        trial_id = tune.get_context().get_trial_id()
+        cfg = trial_config(base, params, prepared)
+        runs = Path(experiment) / RUNS_DIR
+        # Same (storage, name) on a resumed trial: Ray Train restores its latest checkpoint.
+        fit(cfg, trial_id, str(runs), runs / trial_id, callbacks=[TuneReportCallback()], progress=lambda *_: None)
+
+    return run_trial
+
+
+def plan_concurrency(sweep: SweepConfig, cluster: dict[str, float]) -> int:
+    """How many trials fit at once: GPUs bound GPU sweeps, CPUs (with data reserve) CPU sweeps."""
+    from unet_ray.train import DATA_RESERVE_CPUS
+
+    r = sweep.base.run
+    if sweep.tune.max_concurrent_trials:
+        return sweep.tune.max_concurrent_trials
+    if r.gpu:
+        return max(1, int(cluster.get("GPU", 0) // r.workers))
+    per_worker = r.cpus_per_worker if r.cpus_per_worker is not None else 1.0
+    per_trial = r.workers * per_worker + DATA_RESERVE_CPUS
+    return max(1, math.floor(cluster.get("CPU", 1) / per_trial))
+
+
+def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[str, Any]:
+    """`unet-ray tune`: prepare data once, run (or resume) the sweep, write and return best.json."""
+    import ray
+    from ray import tune
+
+    from unet_ray.data import check_source, resolve_prepared
+    from unet_ray.train import ensure_ray
+
+    base = sweep.base
+    storage = storage_uri(base.run.storage_path)
+    experiment = Path(storage) / base.run.name
+    if resume and not (experiment.is_dir() and tune.Tuner.can_restore(str(experiment))):
+        raise ConfigError(f"--resume: {experiment} holds no Tune experiment to resume")
+    if not resume and experiment.is_dir() and any(experiment.glob("experiment_state-*.json")):
+        raise ConfigError(f"{experiment} already holds a sweep: pass --resume to continue it, or choose another --name")
+
+    check_source(base)
+    ensure_ray(progress)
+    experiment.mkdir(parents=True, exist_ok=True)
+    prepared, _ = resolve_prepared(base, experiment, progress)
+    if base.run.cpus_per_worker is None and not base.run.gpu:
+        base.run.cpus_per_worker = 1.0  # trials share the cluster; see plan_concurrency
+    trainable = tune.with_resources(
+        make_trainable(base.to_dict(), str(prepared), str(experiment)), {"CPU": TRIAL_DRIVER_CPUS}
+    )
+    concurrency = plan_concurrency(sweep, ray.cluster_resources())
+    progress(f"tune: {sweep.tune.num_samples} trials, up to {concurrency} at a time, results in {experiment}")
+
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep.search),
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.tune.num_samples,
+                scheduler=_scheduler(sweep),
+                search_alg=_searcher(sweep),
+                max_concurrent_trials=concurrency,
+                # the scheduler and searcher know metric and mode; TuneConfig must not repeat them
+            ),
+            run_config=tune.RunConfig(name=base.run.name, storage_path=storage, verbose=1),
+        )
+    results = tuner.fit()
+    return summarize_sweep(results, experiment, progress)
+
+
+def _scheduler(sweep: SweepConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = sweep.tune
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric="val_iou",
+        mode="max",
+        max_t=sweep.base.optim.epochs,
+        grace_period=min(t.grace_period, sweep.base.optim.epochs),
+        reduction_factor=t.reduction_factor,
+    )
+
+
+def _searcher(sweep: SweepConfig):
+    from ray.tune.search import BasicVariantGenerator
+
+    t = sweep.tune
+    if t.searcher == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise ConfigError("tune.searcher=optuna needs the optuna package: pip install optuna") from None
+        return OptunaSearch(metric="val_iou", mode="max", seed=t.seed)
+    return BasicVariantGenerator(random_state=t.seed)
+
+
+def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]:
+    """Table of trials by best val_iou; best.json with the best trial's config, IoU and checkpoint."""
+    from unet_ray.train import read_history
+
+    rows = []
+    for result in results:
+        trial_id = _trial_id(result)
+        # The Train run's history is the complete record: Tune restarts the result log of a
+        # trial it resumes, while the Train run inside continues from its checkpoint.
+        history = read_history(experiment / RUNS_DIR / trial_id)
+        best_row = max(history, key=lambda r: r["val_iou"]) if history else None
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "config": result.config,
+                "epochs": len(history),
+                "best_val_iou": best_row["val_iou"] if best_row else None,
+                "last_val_iou": history[-1]["val_iou"] if history else None,
+                "checkpoint": best_row.get("checkpoint") if best_row else None,
+                "error": str(result.error).strip().splitlines()[-1] if result.error else None,
+            }
+        )
+    rows.sort(key=lambda r: -1 if r["best_val_iou"] is None else r["best_val_iou"], reverse=True)
+    progress(f"{'trial':<12} {'best val_iou':>12} {'epochs':>6}  config")
+    for r in rows:
+        iou = f"{r['best_val_iou']:.4f}" if r["best_val_iou"] is not None else "error"
+        progress(f"{r['trial_id']:<12} {iou:>12} {r['epochs']:>6}  {json.dumps(r['config'])}")
+    scored = [r for r in rows if r["best_val_iou"] is not None and r["checkpoint"]]
+    if not scored:
+        raise ConfigError(f"no trial of {experiment} reported a val_iou with a checkpoint; see the trial errors above")
+    best = scored[0]
+    summary = {
+        "trial_id": best["trial_id"],
+        "config": best["config"],
+        "val_iou": best["best_val_iou"],
+        "checkpoint": best["checkpoint"],
+        "prepared": str(experiment / "prepared"),
+        "trials": rows,
+    }
+    tmp = experiment / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, experiment / BEST_FILE)
+    progress(f"best trial {best['trial_id']}: val_iou {best['best_val_iou']:.4f}, config {best['config']}")
+    progress(f"best checkpoint: {best['checkpoint']}  (summary: {experiment / BEST_FILE})")
+    return summary
+
+
+def _trial_id(result) -> str:
+    """Tune's id of the trial behind a result (an errored trial that reported nothing: its folder)."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return result.metrics["trial_id"]
+    return Path(result.path).name if result.path else "?"
