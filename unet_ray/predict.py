@@ -1,0 +1,495 @@
+"""`unet-ray predict`: class masks for any number of photos or pair files, with Ray Data.
+
+Driver: lists the input files, `ray.data.from_items` of their paths, `map_batches` through a pool
+of model actors, then iterates the actors' small result rows, keeping only counters and summed
+confusion matrices (and appending bad files to skipped.txt as they arrive): the driver's memory
+stays flat however many photos there are.
+
+Actors (`Predictor`) load the model once, read each file, predict at the model's square size and
+write `<name>_mask.png` (class ids), `<name>_color.png` (Cityscapes colours) and optionally
+`<name>_overlay.png` straight to the output folder. Nothing image-sized goes back to the driver.
+
+Pair files (256x512 photo | colour mask) are predicted from their left half and scored against
+their right half at the model's resolution, decoded exactly as `unet-ray evaluate` decodes them,
+so the IoU printed here equals evaluate's on the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unet_ray import palette
+from unet_ray.pairs import PAIR_HEIGHT, PAIR_WIDTH, SPLITS, BadPairError, decode_pair, is_pairs_folder, list_pairs
+from unet_ray.prepare import DataError
+
+# What a plain photo folder is searched for (a pairs folder keeps pairs.IMAGE_SUFFIXES).
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+INPUT_KINDS = ("auto", "photo", "pair")
+SKIPPED_FILE = "skipped.txt"
+SUMMARY_FILE = "summary.json"
+OUTPUT_SUFFIXES = ("_mask.png", "_color.png")
+OVERLAY_SUFFIX = "_overlay.png"
+OVERLAY_ALPHA = 0.5
+# CPUs left free beside the actors, for Ray Data's own tasks and the driver.
+RESERVE_CPUS = 0.5
+MIN_ACTOR_CPUS = 0.25
+MAX_BLOCKS = 2000
+SKIPPED_SHOWN = 20  # bad files printed one by one; the rest are only in skipped.txt
+
+
+class BadInputError(ValueError):
+    """An input file that cannot be predicted; the message starts with the file's path."""
+
+
+class PredictionFailed(RuntimeError):
+    """The prediction run itself failed (not one bad input); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing inputs (driver)
+# ---------------------------------------------------------------------------------------------
+
+
+def list_inputs(inputs: list[str], kind: str = "auto", out: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """One item {path, name, kind, split} per input file, with output names that never collide.
+
+    - a pairs folder (with train/ and/or val/): all its pair files, read as pairs and named
+      `<split>_<stem>`, so train/1.jpg and val/1.jpg give train_1_* and val_1_*;
+    - any other folder: its image files, searched recursively, named by their relative path
+      (prefixed with the folder's name when several inputs are given);
+    - a file: itself, named by its stem.
+    Files under `out` are left out, so predicting into the input folder does not re-read masks.
+    A name that is still taken gets -2, -3, ... appended.
+    """
+    if kind not in INPUT_KINDS:
+        raise DataError(f"input kind {kind!r}: choose one of {', '.join(INPUT_KINDS)}")
+    if not inputs:
+        raise DataError("no inputs given")
+    out_dir = Path(out).expanduser().resolve() if out is not None else None
+    items: list[dict[str, str]] = []
+    taken: set[str] = set()
+
+    def add(path: Path, name: str, item_kind: str, split: str = "") -> None:
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique)
+        items.append({"path": str(path), "name": unique, "kind": item_kind, "split": split})
+
+    for given in inputs:
+        path = Path(given).expanduser().resolve()
+        if not path.exists():
+            raise DataError(f"input {given} does not exist")
+        if path.is_file():
+            add(path, path.stem, kind)
+        elif is_pairs_folder(path):
+            for split in SPLITS:
+                if not (path / split).is_dir():
+                    continue
+                try:
+                    files = list_pairs(path, split)
+                except FileNotFoundError:  # an empty split folder: nothing to predict there
+                    files = []
+                for file in files:
+                    add(file, f"{split}_{file.stem}", "pair", split)
+        else:
+            files = sorted(
+                p for p in path.rglob("*")
+                if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file() and not _inside(p, out_dir)
+            )
+            # with several inputs, the folder's own name keeps a/1.jpg and b/1.jpg apart
+            prefix = (path.name,) if len(inputs) > 1 else ()
+            for file in files:
+                add(file, "_".join(prefix + file.relative_to(path).with_suffix("").parts), kind)
+    if not items:
+        raise DataError(f"no image files ({', '.join(PHOTO_SUFFIXES)}) in {', '.join(inputs)}")
+    return items
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and (path == folder or folder in path.parents)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one input and writing its outputs (actors)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_input(path: str, kind: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+    """(photo (H, W, 3) uint8, Cityscapes train ids of its colour mask or None) of one file.
+
+    kind "pair": must be a pair file; "photo": any image, used whole; "auto": a pair file when it is
+    256x512 and its right half is a colour mask, else a photo. Raises BadInputError.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not data:
+        raise BadInputError(f"{path}: empty file (0 bytes)")
+    if kind == "pair" or (kind == "auto" and _image_size(data) == (PAIR_WIDTH, PAIR_HEIGHT)):
+        try:
+            pair = decode_pair(data, path)
+            return pair.photo, pair.train_ids
+        except BadPairError as e:
+            if kind == "pair":
+                raise BadInputError(str(e)) from None
+            # auto: a 512x256 image whose right half is no colour mask is a plain photo
+    return decode_photo(data, path), None
+
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header only, or None when PIL cannot even open it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None  # decode_photo reports why
+
+
+def decode_photo(data: bytes, name: str) -> np.ndarray:
+    """Image bytes -> RGB (H, W, 3) uint8, turned as its EXIF orientation says (as viewers show it)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # a truncated file fails here, not at open
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadInputError(f"{name}: not a readable image ({e})") from None
+
+
+def output_paths(out: str | os.PathLike, name: str, overlay: bool) -> list[Path]:
+    suffixes = OUTPUT_SUFFIXES + ((OVERLAY_SUFFIX,) if overlay else ())
+    return [Path(out) / f"{name}{suffix}" for suffix in suffixes]
+
+
+def overlay_image(photo: np.ndarray, color: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The photo with the colour mask blended in. Black (background of the road task, ignored
+    pixels) is left out of the blend: it would only darken the photo."""
+    coloured = color.any(axis=2, keepdims=True)
+    blended = photo.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha
+    return np.where(coloured, np.rint(blended), photo).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Written under a temporary name and renamed: a killed run never leaves a half PNG that
+    --skip-existing would take for a finished one."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def confusion_counts(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Flattened confusion matrix (truth t, predicted p at t*K+p), ignored pixels left out,
+    exactly as metrics.ConfusionMatrix.update counts."""
+    valid = truth != palette.IGNORE_INDEX
+    index = truth[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes)
+
+
+class Predictor:
+    """map_batches class: one model per actor, loaded once; a batch of paths in, small rows out."""
+
+    def __init__(self, checkpoint: str, out: str, overlay: bool, skip_existing: bool, device: str, torch_threads: int):
+        import torch
+
+        from unet_ray.checkpoint import load_model
+
+        torch.set_num_threads(torch_threads)
+        self.device = torch.device(device)
+        self.model, cfg, _ = load_model(checkpoint, self.device)
+        self.size, self.label_set, self.num_classes = cfg.data.image_size, cfg.data.classes, cfg.num_classes
+        self.out, self.overlay, self.skip_existing = Path(out), overlay, skip_existing
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, k = len(batch["path"]), self.num_classes
+        status, errors = np.array(["ok"] * n, dtype=object), np.array([""] * n, dtype=object)
+        confusion = np.zeros((n, k * k), dtype=np.int64)
+        has_truth = np.zeros(n, dtype=bool)
+        # (row, photo's (h, w), the photo itself only when an overlay needs it, photo at model size,
+        # truth at model size or None): large photos are not kept a whole batch long without need
+        loaded = []
+        for i, (path, name, kind) in enumerate(zip(batch["path"], batch["name"], batch["kind"])):
+            if self.skip_existing and all(p.is_file() for p in output_paths(self.out, name, self.overlay)):
+                status[i] = "exists"
+                continue
+            try:
+                photo, train_ids = read_input(path, kind)
+            except BadInputError as e:
+                status[i], errors[i] = "bad", str(e)
+                continue
+            small, truth = to_model_size(photo, train_ids, self.size, self.label_set)
+            loaded.append((i, photo.shape[:2], photo if self.overlay else None, small, truth))
+        if loaded:
+            classes = self._predict(np.stack([row[3] for row in loaded]))
+            for (i, shape, photo, _, truth), pred in zip(loaded, classes):
+                if truth is not None:
+                    confusion[i], has_truth[i] = confusion_counts(truth, pred, k), True
+                try:
+                    self._write(batch["name"][i], shape, pred, photo)
+                except OSError as e:
+                    status[i], errors[i] = "unwritten", f"{batch['path'][i]}: outputs cannot be written to {self.out} ({e})"
+        return {
+            "path": batch["path"],
+            "split": batch["split"],
+            "status": status,
+            "error": errors,
+            "has_truth": has_truth,
+            "confusion": confusion,
+        }
+
+    def _predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> class ids (N, S, S) uint8; fp32 also on GPUs, as evaluate runs."""
+        import torch
+
+        from unet_ray.engine import to_model_input
+        from unet_ray.model import predict_classes
+
+        with torch.inference_mode():
+            logits = self.model(to_model_input(torch.from_numpy(images), self.device))
+            return predict_classes(logits).to(torch.uint8).cpu().numpy()
+
+    def _write(self, name: str, shape: tuple[int, int], pred: np.ndarray, photo: np.ndarray | None) -> None:
+        import cv2
+
+        h, w = shape
+        # INTER_NEAREST_EXACT samples pixel centres; plain INTER_NEAREST shifts the mask by up to
+        # half a source pixel against the photo when enlarging.
+        mask = cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST_EXACT) if pred.shape != (h, w) else pred
+        color = palette.colorize(mask, self.label_set)
+        paths = output_paths(self.out, name, self.overlay)
+        save_png(mask, paths[0])
+        save_png(color, paths[1])
+        if photo is not None:
+            save_png(overlay_image(photo, color), paths[2])
+
+
+def to_model_size(photo: np.ndarray, train_ids: np.ndarray | None, size: int, label_set: str):
+    """(photo at size x size, class ids of the label set at size x size or None).
+
+    Pairs go through transforms.resize_pair, as evaluate and prepare resize them; plain photos are
+    shrunk the same way (area interpolation: no aliasing), whatever their aspect ratio.
+    """
+    import cv2
+
+    from unet_ray.transforms import resize_pair
+
+    if train_ids is not None:
+        small, ids = resize_pair(photo, train_ids, size)
+        return small, palette.to_label_set(ids, label_set)
+    if photo.shape[:2] != (size, size):
+        photo = cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(photo), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def actor_resources(workers: int, gpu: bool, cluster: dict[str, float]) -> tuple[dict[str, Any], int, int]:
+    """(map_batches resources, actors, torch threads per actor).
+
+    CPU actors ask for a fraction of a CPU: whole CPUs would leave nothing for Ray Data's own
+    tasks on a small machine, and the run would wait forever.
+    """
+    if workers < 1:
+        raise DataError(f"--workers {workers}: must be >= 1")
+    if gpu:
+        gpus = int(cluster.get("GPU", 0))
+        if gpus < 1:
+            raise DataError("--gpu: the Ray cluster has no GPUs; leave out --gpu to predict on CPUs")
+        return {"num_gpus": 1, "num_cpus": 1}, min(workers, gpus), 1
+    cpus = max(MIN_ACTOR_CPUS, (cluster.get("CPU", 1) - RESERVE_CPUS) / workers)
+    cpus = math.floor(cpus * 100) / 100
+    return {"num_cpus": cpus}, workers, max(1, int(cpus + 0.5))
+
+
+class _Tally:
+    """What the driver keeps while results stream in: counters and summed confusion matrices."""
+
+    def __init__(self, num_classes: int):
+        # ok: written; bad: unreadable; unwritten: read but its PNGs failed; exists: --skip-existing
+        self.counts = {"ok": 0, "bad": 0, "unwritten": 0, "exists": 0}
+        self.pairs = 0
+        self.confusion: dict[str, np.ndarray] = {}
+        self.num_classes = num_classes
+
+    def add(self, rows: dict[str, np.ndarray]) -> list[str]:
+        """Count a batch of result rows; returns the error messages of its bad files."""
+        for status in rows["status"]:
+            self.counts[status] += 1
+        truth = rows["has_truth"]
+        self.pairs += int(truth.sum())
+        for split in set(rows["split"][truth]):
+            summed = rows["confusion"][truth & (rows["split"] == split)].sum(axis=0)
+            self.confusion[split] = self.confusion.get(split, 0) + summed
+        return [str(e) for e, s in zip(rows["error"], rows["status"]) if s in ("bad", "unwritten")]
+
+    def skipped(self) -> int:
+        return self.counts["bad"] + self.counts["unwritten"]
+
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def scores(self) -> dict[str, Any]:
+        """IoU over all pair files, and per split when several splits were predicted."""
+        if not self.confusion:
+            return {}
+        k = self.num_classes
+        total = sum(self.confusion.values())
+        result = {"metrics": scores_from_confusion(total, k)}
+        result["iou"] = result["metrics"]["val_iou"]
+        named = {s: m for s, m in self.confusion.items() if s}
+        if len(named) > 1 or (named and len(named) != len(self.confusion)):
+            result["by_split"] = {s: scores_from_confusion(named[s], k) for s in sorted(named)}
+        return result
+
+
+def scores_from_confusion(flat: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The metrics evaluate prints, from a flattened confusion matrix."""
+    import torch
+
+    from unet_ray import metrics
+
+    scores = metrics.metrics_from_confusion(torch.from_numpy(np.asarray(flat).reshape(num_classes, num_classes)))
+    return {
+        **metrics.headline(scores, num_classes),
+        "val_miou": scores["miou"],
+        "val_pixel_accuracy": scores["pixel_accuracy"],
+        "val_iou_per_class": scores["iou_per_class"],
+        "val_pixels": int(np.asarray(flat).sum()),
+    }
+
+
+def predict(
+    checkpoint: str | os.PathLike,
+    inputs: list[str],
+    out: str | os.PathLike,
+    workers: int = 2,
+    gpu: bool = False,
+    overlay: bool = False,
+    batch_size: int = 16,
+    kind: str = "auto",
+    skip_existing: bool = False,
+    progress=print,
+) -> dict[str, Any]:
+    """Predict every input file into `out`; returns (and writes to out/summary.json) the summary."""
+    from unet_ray.checkpoint import load_model, resolve
+    from unet_ray.train import ensure_ray
+
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size}: must be >= 1")
+    # Load once here so a bad checkpoint stops the run with a clear message before Ray starts.
+    _, cfg, state = load_model(checkpoint)
+    state_file = str(resolve(checkpoint).resolve())
+    out = Path(out).expanduser().resolve()
+    items = list_inputs(inputs, kind, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SKIPPED_FILE).write_text("")  # also proves the folder is writable, before Ray starts
+    except OSError as e:
+        raise DataError(f"output folder {out} cannot be written ({e.strerror or e})") from None
+    total = len(items)
+    progress(
+        f"predict: {total} files -> {out} (model {cfg.data.image_size}px, {cfg.data.classes}, "
+        f"epoch {state['epoch']} of {state_file})"
+    )
+
+    ensure_ray(progress)
+    import ray
+    from ray.data import DataContext
+
+    # Our own line every few files shows progress; Ray Data's bars would interleave with it.
+    DataContext.get_current().enable_progress_bars = False
+
+    resources, actors, threads = actor_resources(workers, gpu, ray.cluster_resources())
+    # One batch per block, so that every actor gets work early; at most MAX_BLOCKS blocks, as each
+    # costs a little scheduling and metadata on the driver.
+    rows_per_block = max(batch_size, math.ceil(total / MAX_BLOCKS))
+    blocks = math.ceil(total / rows_per_block)
+    actors = min(actors, blocks)  # an actor without a block would only load the model for nothing
+    progress(f"predict: {actors} model actors ({', '.join(f'{k}={v:g}' for k, v in resources.items())} each)")
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    del items  # the paths now live in Ray's object store, not in the driver
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "checkpoint": state_file,
+            "out": str(out),
+            "overlay": overlay,
+            "skip_existing": skip_existing,
+            "device": "cuda" if gpu else "cpu",
+            "torch_threads": threads,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        **resources,
+    )
+
+    tally = _Tally(cfg.num_classes)
+    every = max(1, min(1000, total // 20))
+    start = last_shown = time.perf_counter()
+    shown_done = 0
+    with open(out / SKIPPED_FILE, "w") as skipped_file:
+        try:
+            for rows in ds.iter_batches(batch_size=None, batch_format="numpy"):  # one block at a time
+                for message in tally.add(rows):
+                    skipped_file.write(message + "\n")
+                    if tally.skipped() <= SKIPPED_SHOWN:
+                        progress(f"skipped {message}")
+                done = tally.done()
+                if done - shown_done >= every or time.perf_counter() - last_shown > 30:
+                    rate = done / max(time.perf_counter() - start, 1e-9)
+                    progress(f"predict: {done}/{total} files ({rate:.1f}/s, ~{(total - done) / max(rate, 1e-9):.0f}s left)")
+                    shown_done, last_shown = done, time.perf_counter()
+        except Exception as e:  # Ray wraps actor errors; keep the user's message, not Ray's stack
+            raise PredictionFailed(f"prediction failed: {_root_cause(e)}") from e
+    seconds = time.perf_counter() - start
+
+    skipped = tally.skipped()
+    if skipped:
+        more = f" ({skipped - SKIPPED_SHOWN} not shown above)" if skipped > SKIPPED_SHOWN else ""
+        progress(f"skipped {skipped} of {total} files{more}; listed in {out / SKIPPED_FILE}")
+    summary = {
+        "checkpoint": state_file,
+        "out": str(out),
+        "classes": cfg.data.classes,
+        "image_size": cfg.data.image_size,
+        "inputs": total,
+        "read": tally.counts["ok"] + tally.counts["unwritten"],
+        "written": tally.counts["ok"],
+        "skipped": skipped,
+        **({"existing": tally.counts["exists"]} if skip_existing else {}),
+        "pairs": tally.pairs,
+        **tally.scores(),
+        "skipped_list": str(out / SKIPPED_FILE),
+        "seconds": round(seconds, 2),
+        "files_per_s": round(tally.done() / max(seconds, 1e-9), 2),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _root_cause(error: BaseException) -> str:
+    from unet_ray.train import _root_cause as root_cause
+
+    return root_cause(error)
