@@ -1,0 +1,98 @@
+"""The best checkpoint's masks for the first few validation pairs, as PNG data URIs.
+
+Rows come from `evaluate.iter_split`, the same rows validation scored, at the checkpoint's image
+size and label set; masks are drawn in the Cityscapes palette (`palette.colorize`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NUM_SAMPLES = 4
+_lock = threading.Lock()  # one model on the CPU at a time, whatever the number of page requests
+_cache: dict[tuple[str, str, int], dict[str, Any]] = {}
+
+
+def png_data_uri(array: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def best_predictions(best: dict[str, Any] | None, prepared: str | None, count: int = NUM_SAMPLES) -> dict[str, Any]:
+    """{trial_id, epoch, classes, image_size, samples: [{photo, truth, prediction, pixel_accuracy}]}
+    or {error} saying why there are none. Cached per checkpoint file and its modification time."""
+    if not best:
+        return {"error": "no trial has reported a val_iou yet"}
+    checkpoint = best.get("checkpoint_path")
+    if not checkpoint:
+        return {"error": f"the checkpoint of trial {best['trial_id']} is not in this experiment folder"}
+    if not prepared or not Path(prepared).exists():
+        return {"error": f"no validation data: the sweep's prepared folder ({prepared or 'prepared/'}) is missing"}
+    from unet_ray.checkpoint import CheckpointError, resolve
+
+    try:
+        state_file = resolve(checkpoint)
+        key = (str(state_file), str(prepared), state_file.stat().st_mtime_ns)
+    except (CheckpointError, OSError) as e:  # removed since the snapshot was read
+        return {"error": str(e)}
+    with _lock:
+        if key not in _cache:
+            _cache.clear()  # only the current best is ever shown
+            _cache[key] = _predict(state_file, Path(prepared), count)
+        result = dict(_cache[key])
+    return {"trial_id": best["trial_id"], "checkpoint": best.get("checkpoint"), **result}
+
+
+def _predict(state_file: Path, prepared: Path, count: int) -> dict[str, Any]:
+    import torch
+
+    from unet_ray import engine, palette
+    from unet_ray.checkpoint import CheckpointError, load_model
+    from unet_ray.evaluate import iter_split
+    from unet_ray.model import predict_classes
+    from unet_ray.prepare import DataError
+
+    try:
+        model, cfg, state = load_model(state_file)
+        label_set, size = cfg.data.classes, cfg.data.image_size
+        batch = next(iter(iter_split(prepared, "val", label_set, size, batch_size=count)), None)
+    except (CheckpointError, DataError, OSError) as e:
+        return {"error": str(e)}
+    if batch is None:
+        return {"error": f"{prepared} has no validation rows"}
+    with torch.inference_mode():
+        classes = predict_classes(model(engine.to_model_input(batch["image"], torch.device("cpu")))).numpy()
+    samples = []
+    for photo, truth, pred in zip(batch["image"].numpy(), batch["mask"].numpy(), classes.astype(np.uint8)):
+        labelled = truth != palette.IGNORE_INDEX
+        accuracy = float((pred[labelled] == truth[labelled]).mean()) if labelled.any() else None
+        samples.append(
+            {
+                "photo": png_data_uri(photo),
+                "truth": png_data_uri(palette.colorize(truth, label_set)),
+                "prediction": png_data_uri(palette.colorize(pred, label_set)),
+                "pixel_accuracy": accuracy,
+            }
+        )
+    return {
+        "epoch": state.get("epoch"), "classes": label_set, "image_size": size, "samples": samples,
+        "legend": _legend(label_set),
+    }
+
+
+def _legend(label_set: str) -> list[dict[str, str]]:
+    """Class names and their mask colours, for the key under the images."""
+    from unet_ray import palette
+
+    names = palette.class_names(label_set)
+    colors = palette.colorize(np.arange(len(names), dtype=np.uint8)[None], label_set)[0]
+    return [{"name": n, "color": "#%02x%02x%02x" % tuple(int(c) for c in rgb)} for n, rgb in zip(names, colors)]
