@@ -1,0 +1,281 @@
+"""Clusters: `ray job submit` against real local Ray clusters (127.0.0.1 only, token auth on), and the
+cloud cluster configs in cluster/ checked offline.
+
+- one node, 2 CPUs, started with `unet-ray cluster up`: a training job succeeds and writes its
+  metrics and best checkpoint under --storage-path; a job with a bad --data fails with our message;
+  a client without the right token is refused;
+- two nodes of 1 CPU each: a 2-worker run puts one worker on each node and reaches the same IoU as
+  the same run on one node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unet_ray import cluster
+from unet_ray.checkpoint import resolve
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_DIR = REPO / "cluster"
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # `ray`, from this Python
+UNET_RAY_CLI = [sys.executable, "-m", "unet_ray.cli"]
+JOB_TIMEOUT = 300  # seconds for one small training job on 2 busy cores
+# Small, but enough epochs that the IoU settles (about 0.9 after 8 epochs of ~1 s). The same
+# settings on one node and on two; --cpus-per-worker 0.75 fits one worker per 1-CPU node and
+# leaves 0.25 CPU there for Ray Data tasks.
+TRAIN_ARGS = [
+    "--image-size", "64", "--depth", "3", "--base-channels", "8", "--epochs", "8", "--batch-size", "4",
+    "--lr", "3e-3", "--workers", "2", "--cpus-per-worker", "0.75", "--no-augment", "--seed", "0",
+]  # fmt: skip
+SMALL_SYNTHETIC = {"data": {"synth_train": 64, "synth_val": 16}}
+
+
+def path_with_this_python() -> str:
+    """PATH with this Python's scripts first: jobs run `unet-ray` from the nodes' PATH, and the
+    nodes inherit it from whoever starts them (CI may run pytest from an unactivated venv)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def short_temp_dir() -> str:
+    """Ray's unix sockets live in the temp dir and their paths must stay under 108 bytes."""
+    return tempfile.mkdtemp(prefix="ucl", dir="/tmp")
+
+
+def submit(c: cluster.LocalCluster, entrypoint: list[str], submission_id: str, env=None, wait=True):
+    """`ray job submit` as a user types it, from the repository root, with this checkout as
+    working dir and cluster/runtime_env.yaml; waits for the job unless wait=False."""
+    cmd = [
+        *RAY_CLI, "job", "submit", "--address", c.dashboard_url, "--working-dir", ".",
+        "--runtime-env", "cluster/runtime_env.yaml", "--submission-id", submission_id,
+        *([] if wait else ["--no-wait"]), "--", *entrypoint,
+    ]  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=REPO, env=env or cluster.client_env(c), capture_output=True, text=True, timeout=JOB_TIMEOUT
+    )
+
+
+def jobs_client(c: cluster.LocalCluster):
+    from ray.job_submission import JobSubmissionClient
+
+    token = Path(c.token_path).read_text().strip()
+    return JobSubmissionClient(c.dashboard_url, headers={"Authorization": f"Bearer {token}"})
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    """A 2-CPU head started and stopped with `unet-ray cluster up|down`, on free ports, with its own
+    temp dir and token file: nothing shared with other Ray instances on the machine."""
+    temp_dir = short_temp_dir()
+    token = tmp_path_factory.mktemp("auth") / "token"
+    env = {**os.environ, "PATH": path_with_this_python(), "RAY_AUTH_TOKEN_PATH": str(token)}
+    port, dashboard_port = cluster.free_port(), cluster.free_port()
+    up = subprocess.run(
+        [*UNET_RAY_CLI, "cluster", "up", "--temp-dir", temp_dir, "--port", str(port),
+         "--dashboard-port", str(dashboard_port), "--num-cpus", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"RAY_ADDRESS=127.0.0.1:{port}" in up.stdout
+        assert f"ray job submit --address http://127.0.0.1:{dashboard_port} --working-dir ." in up.stdout
+        c = cluster.find(temp_dir)
+        assert c is not None and cluster.is_running(c)
+        yield c
+    finally:
+        down = subprocess.run(
+            [*UNET_RAY_CLI, "cluster", "down", "--temp-dir", temp_dir],
+            env=env, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        left = cluster._marked_pids(str(Path(temp_dir).resolve()))
+        shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's own files; nothing to keep
+        assert down.returncode == 0 and not left, (down.stdout, down.stderr, left)
+
+
+@pytest.fixture(scope="module")
+def job1(one_node, tmp_path_factory):
+    """`unet-ray train` submitted as a Ray job on the one-node cluster; (storage path, result)."""
+    storage = tmp_path_factory.mktemp("storage")
+    config = storage.parent / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL_SYNTHETIC))
+    entrypoint = ["unet-ray", "train", "--config", str(config), *TRAIN_ARGS, "--storage-path", str(storage), "--name", "job1"]
+    return storage, submit(one_node, entrypoint, "job1")
+
+
+@pytest.mark.ray
+def test_train_job_joins_cluster_and_writes_under_storage_path(one_node, job1):
+    from ray.job_submission import JobStatus
+
+    storage, result = job1
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert jobs_client(one_node).get_job_status("job1") == JobStatus.SUCCEEDED
+    # it joined the cluster from RAY_ADDRESS instead of starting a Ray of its own
+    assert f"ray: joined the cluster at {one_node.address}" in output
+
+    run_dir = storage / "job1"
+    assert [row["epoch"] for row in history(run_dir)] == list(range(1, 9))
+    best = json.loads((run_dir / "best.json").read_text())
+    state_file = resolve(run_dir)  # what every --checkpoint option does with a run folder
+    assert state_file == Path(best["checkpoint"]) / "state.pt" and state_file.is_file()
+    assert state_file.is_relative_to(storage) and Path(best["run_path"]).is_relative_to(storage)
+    assert best["metrics"]["val_iou"] == max(row["val_iou"] for row in history(run_dir))
+
+
+@pytest.mark.ray
+def test_failing_job_is_failed_with_our_message(one_node, tmp_path):
+    from ray.job_submission import JobStatus
+
+    entrypoint = ["unet-ray", "train", "--data", "/nonexistent", "--storage-path", str(tmp_path), "--name", "bad"]
+    result = submit(one_node, entrypoint, "bad1")
+    assert result.returncode == 1, result.stdout + result.stderr  # `ray job submit` exits 1 on FAILED
+    client = jobs_client(one_node)
+    assert client.get_job_status("bad1") == JobStatus.FAILED
+    assert "exit code 2" in client.get_job_info("bad1").message  # the CLI's exit code for user errors
+    logs = subprocess.run(
+        [*RAY_CLI, "job", "logs", "bad1", "--address", one_node.dashboard_url],
+        env=cluster.client_env(one_node), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert logs.returncode == 0, logs.stderr
+    assert re.search(r"unet-ray train: error: .*/nonexistent", logs.stdout), logs.stdout
+    assert not any(tmp_path.iterdir())  # stopped before writing anything
+
+
+@pytest.mark.ray
+def test_submit_without_the_token_is_refused(one_node):
+    before = {job.submission_id for job in jobs_client(one_node).list_jobs()}
+    wrong_token = {**cluster.client_env(one_node), "RAY_AUTH_TOKEN": "not-the-cluster-token"}  # beats the file
+    no_token_mode = {k: v for k, v in cluster.client_env(one_node).items() if k != "RAY_AUTH_MODE"}
+    for env, answer in ((wrong_token, "Authentication failed"), (no_token_mode, "Authentication required")):
+        result = submit(one_node, ["echo", "must not run"], "intruder", env=env, wait=False)
+        assert result.returncode != 0
+        assert answer in result.stdout + result.stderr, result.stdout + result.stderr
+    assert {job.submission_id for job in jobs_client(one_node).list_jobs()} == before
+
+
+@pytest.mark.ray
+def test_two_node_run_puts_one_worker_per_node_and_matches_one_node(job1, tmp_path, monkeypatch):
+    storage1, result1 = job1
+    assert result1.returncode == 0, "the one-node run failed; see the test above"
+    monkeypatch.setenv("PATH", path_with_this_python())  # the nodes' environment
+    temp_dir = short_temp_dir()
+    try:
+        c = cluster.start(
+            temp_dir, cluster.free_port(), cluster.free_port(), num_cpus=1, worker_nodes=1,
+            token_path=tmp_path / "token", object_store_mb=300,
+        )  # fmt: skip
+        check_two_node_run(c, storage1, tmp_path)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)  # start() and check_two_node_run stop the cluster
+
+
+def check_two_node_run(c: cluster.LocalCluster, storage1: Path, tmp_path: Path) -> None:
+    try:
+        nodes = cluster.alive_nodes(c)
+        assert len(nodes) == 2 and all(n["resources_total"]["CPU"] == 1 for n in nodes)
+        shared = tmp_path / "shared"  # "shared storage": both nodes see this path
+        # The one-node run's prepared data, read by Ray Data tasks on both nodes.
+        prepared = storage1 / "job1" / "prepared"
+        entrypoint = ["unet-ray", "train", "--data", str(prepared), *TRAIN_ARGS, "--storage-path", str(shared), "--name", "job2"]
+        result = submit(c, entrypoint, "job2")
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+        workers = cluster.state(c, "actors", class_name="RayTrainWorker")
+        assert len(workers) == 2, workers
+        assert {w["node_id"] for w in workers} == {n["node_id"] for n in nodes}  # one per node
+
+        one_node_iou = json.loads((storage1 / "job1" / "best.json").read_text())["metrics"]["val_iou"]
+        two_node_iou = json.loads((shared / "job2" / "best.json").read_text())["metrics"]["val_iou"]
+        assert two_node_iou > 0.5 and one_node_iou > 0.5, (one_node_iou, two_node_iou)
+        assert two_node_iou == pytest.approx(one_node_iou, abs=0.05)
+        assert resolve(shared / "job2").is_file()
+    finally:
+        cluster.stop(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cloud configs, offline
+# ---------------------------------------------------------------------------------------------
+
+
+def project_pins() -> dict[str, str]:
+    """{'ray': '<2.61,>=2.60', 'torch': ...}: the version ranges in pyproject.toml's dependencies."""
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {req.name: str(req.specifier) for req in map(Requirement, deps)}
+
+
+def assert_matches_project(image: str) -> None:
+    from packaging.specifiers import SpecifierSet
+
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)(-gpu|-cu\d+)?", image)
+    assert m, f"unexpected image {image}"
+    assert m.group(1) in SpecifierSet(project_pins()["ray"]), (image, project_pins()["ray"])
+    assert (m.group(2), m.group(3)) == ("3", "11"), image
+
+
+def test_cloud_launcher_config_passes_validation():
+    from packaging.specifiers import SpecifierSet
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER_DIR / "aws-gpu.yaml").read_text())
+    config = prepare_config(raw)  # fills Ray's AWS defaults, as `ray up` does
+    validate_config(config)  # Ray's JSON schema: a misspelt key fails here
+    assert_matches_project(config["docker"]["image"])
+    torch = re.search(r'torch==(\S+?)"', " ".join(config["setup_commands"]))
+    assert torch and torch.group(1) in SpecifierSet(project_pins()["torch"])
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["max_workers"] > workers["min_workers"] == 0  # autoscaling GPU group
+    start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert start.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in start
+
+
+def test_kubernetes_manifest_matches_project_and_readme():
+    from ray.runtime_env import RuntimeEnv
+
+    docs = [d for d in yaml.safe_load_all((CLUSTER_DIR / "kuberay-rayjob.yaml").read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    claim, job = by_kind["PersistentVolumeClaim"], by_kind["RayJob"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        container = pod["containers"][0]
+        assert_matches_project(container["image"])
+        assert spec["rayVersion"] in container["image"]
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+        assert claims[mounts["/mnt/shared"]] == claim["metadata"]["name"]  # same claim, same path
+    gpus = [pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for pod in pods[1:]]
+    assert all(gpus), gpus
+    RuntimeEnv(**yaml.safe_load(job["spec"]["runtimeEnvYAML"]))  # Ray's own checks of the fields
+    entrypoint = job["spec"]["entrypoint"]
+    assert entrypoint.startswith("unet-ray tune --config tune_configs/lr_depth.yaml")
+    assert "--storage-path /mnt/shared/" in entrypoint
+    assert entrypoint in (CLUSTER_DIR / "README.md").read_text()
+
+
+def test_runtime_env_is_valid_and_leaves_data_and_results_out():
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load((CLUSTER_DIR / "runtime_env.yaml").read_text())
+    RuntimeEnv(**env)
+    left_out = {".git", ".venv", "__pycache__", "data", "results", "checkpoints", "*.jpg", "*.parquet"}
+    assert left_out <= set(env["excludes"])
+    assert "pip" not in env and "conda" not in env  # installs nothing: works offline
