@@ -38,7 +38,9 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[Path]:
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: a pairs folder needs {'/ and '.join(SPLITS)}/")
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    # Dangling links stay in the list so that reading them reports the file instead of losing it
+    # silently; folders and special files (a FIFO would block the reader) are left out.
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
     if not files:
         raise FileNotFoundError(f"{folder} holds no .jpg/.png pair files")
     return sorted(files, key=lambda p: (len(p.stem), p.stem) if p.stem.isdigit() else (1 << 30, p.stem))

@@ -48,7 +48,11 @@ def ensure_ray(progress=print) -> None:
     if ray.is_initialized():
         return
     kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        if any(host in address for host in ("127.0.0.1", "localhost")):
+            # A loopback cluster (unet-ray cluster up): keep Ray from swapping in the network address.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(**kwargs)
         progress(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
     else:
