@@ -100,12 +100,17 @@ def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240)
     import signal
     import time
 
+    import ray
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if history_file.is_file() and any(json.loads(x)["epoch"] >= epoch for x in history_file.read_text().splitlines()):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            # name this cluster: without an address the state API refuses when it sees several
+            workers = list_actors(
+                address=ray.get_runtime_context().gcs_address,
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            )
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 return workers[-1].pid
