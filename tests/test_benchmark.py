@@ -1,0 +1,33 @@
+"""The benchmark runs end to end in quick mode and writes its JSON and Markdown reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_quick_benchmark_writes_measured_reports(tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = list(out.glob("*.json"))
+    assert len(reports) == 1, sorted(p.name for p in out.iterdir())
+    result = json.loads(reports[0].read_text())
+    for key in ("ratio_ray_vs_plain", "data_images_per_s_per_core"):
+        assert result[key] > 0, key
+    assert result["startup"]["to_first_epoch_end_s"] > result["startup"]["to_first_step_s"] > 0
+    assert result["training"]["plain"]["images_per_s"] > 0
+    assert "skipped" in result["gpu"] or result["gpu"]["images_per_s_128px_bf16_channels_last"] > 0
+    table = reports[0].with_suffix(".md").read_text()
+    assert "ratio best Ray / plain" in table
