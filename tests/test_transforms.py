@@ -27,7 +27,10 @@ def test_augment_keeps_image_and_mask_aligned():
         out = aug(batch)
         for i in range(len(out["image"])):
             agree = ((out["image"][i].mean(-1) > 127) == (out["mask"][i] == 1)).mean()
-            assert agree >= 0.98, (i, agree)
+            # Edge pixels of an up-to-1.4x zoom are interpolated; over 2400 draws the worst row
+            # agreed on 97.8 % of pixels (0.13 % of rows fell below 98 %). A misaligned mask
+            # (a flip or crop applied to one side only) agrees on far less.
+            assert agree >= 0.97, (i, agree)
         assert set(np.unique(out["mask"]).tolist()) <= {0, 1}  # nearest neighbour: ids stay ids
 
 
