@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import kill_session
 from unet_ray import pairs
 from unet_ray.cli import main
 
@@ -106,11 +106,11 @@ class TestBadInputThroughRay:
 
 @pytest.mark.ray
 def test_killed_driver_resumes_at_next_epoch(tmp_path):
-    """SIGKILL the whole `unet-ray train` process group after its second checkpoint; the same
-    command again resumes at epoch 3 and finishes."""
+    """SIGKILL `unet-ray train` and every process it started after its second checkpoint; the same
+    command again resumes after the last checkpoint and finishes, every epoch run once."""
     cmd = [
         sys.executable, "-m", "unet_ray.cli", "train", "--storage-path", str(tmp_path), "--name", "driver",
-        "--image-size", "64", "--depth", "3", "--base-channels", "8", "--epochs", "4", "--batch-size", "8",
+        "--image-size", "64", "--depth", "3", "--base-channels", "8", "--epochs", "6", "--batch-size", "8",
         "--lr", "3e-3", "--workers", "2",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -124,13 +124,15 @@ def test_killed_driver_resumes_at_next_epoch(tmp_path):
         deadline = time.monotonic() + 300
         while len(epochs()) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        kill_session(proc.pid)  # the driver, the local Ray it started and every Ray worker
         proc.wait(timeout=30)
     done_before = epochs()
     assert len(done_before) >= 2, (tmp_path / "first.log").read_text()[-3000:]
-    assert len(done_before) < 4, "the run finished before it could be killed"
+    assert len(done_before) < 6, "the run finished before it could be killed"
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resumed from epoch {done_before[-1]} checkpoint" in rerun.stdout + rerun.stderr
-    assert epochs() == [1, 2, 3, 4]
+    assert epochs() == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(x) for x in history.read_text().splitlines()]
+    assert [r["restored_from_epoch"] for r in rows] == [0] * len(done_before) + [done_before[-1]] + [0] * (5 - len(done_before))

@@ -158,13 +158,29 @@ def make_trainable(base: dict[str, Any], prepared: str, experiment: str):
 
         from unet_ray.train import fit
 
+        from unet_ray.train import read_history
+
         trial_id = tune.get_context().get_trial_id()
         cfg = trial_config(base, params, prepared)
         runs = Path(experiment) / RUNS_DIR
+        finished = _finished_run_report(read_history(runs / trial_id), cfg.optim.epochs)
+        if finished is not None:
+            # The Train run ended before the sweep was interrupted, but Tune never recorded its
+            # last report. Training again would report nothing (no epoch left) and leave the trial
+            # without a result: hand Tune the run's recorded last epoch instead.
+            tune.report(finished)
+            return
         # Same (storage, name) on a resumed trial: Ray Train restores its latest checkpoint.
         fit(cfg, trial_id, str(runs), runs / trial_id, callbacks=[TuneReportCallback()], progress=lambda *_: None)
 
     return run_trial
+
+
+def _finished_run_report(history: list[dict[str, Any]], epochs: int) -> dict[str, Any] | None:
+    """The last epoch's metrics of a Train run that already trained all `epochs`, else None."""
+    if not history or history[-1]["epoch"] < epochs:
+        return None
+    return {k: v for k, v in history[-1].items() if k not in ("checkpoint", "time")}
 
 
 def plan_concurrency(sweep: SweepConfig, cluster: dict[str, float]) -> int:
@@ -218,8 +234,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
             tune_config=tune.TuneConfig(
                 num_samples=sweep.tune.num_samples,
                 scheduler=_scheduler(sweep),
-                search_alg=_searcher(sweep),
-                max_concurrent_trials=concurrency,
+                # the searcher carries the concurrency limit: Tune ignores max_concurrent_trials
+                # when it is given a BasicVariantGenerator
+                search_alg=_searcher(sweep, concurrency),
                 # the scheduler and searcher know metric and mode; TuneConfig must not repeat them
             ),
             run_config=tune.RunConfig(name=base.run.name, storage_path=storage, verbose=1),
@@ -244,8 +261,9 @@ def _scheduler(sweep: SweepConfig):
     )
 
 
-def _searcher(sweep: SweepConfig):
-    from ray.tune.search import BasicVariantGenerator
+def _searcher(sweep: SweepConfig, max_concurrent: int):
+    """The search algorithm, limited to `max_concurrent` trials at a time."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     t = sweep.tune
     if t.searcher == "optuna":
@@ -253,8 +271,8 @@ def _searcher(sweep: SweepConfig):
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise ConfigError("tune.searcher=optuna needs the optuna package: pip install optuna") from None
-        return OptunaSearch(metric="val_iou", mode="max", seed=t.seed)
-    return BasicVariantGenerator(random_state=t.seed)
+        return ConcurrencyLimiter(OptunaSearch(metric="val_iou", mode="max", seed=t.seed), max_concurrent)
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=max_concurrent)
 
 
 def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]:
