@@ -26,7 +26,11 @@ def test_quick_benchmark_writes_measured_reports(tmp_path):
     result = json.loads(reports[0].read_text())
     for key in ("ratio_ray_vs_plain", "data_images_per_s_per_core"):
         assert result[key] > 0, key
-    assert result["startup"]["to_first_epoch_end_s"] > result["startup"]["to_first_step_s"] > 0
+    startup = result["startup"]
+    assert startup["to_first_step_s"] > startup["to_training_loop_s"] > startup["ray_started_s"] > 0
+    assert all(t > 0 for t in result["tune_startup"]["trial_to_first_step_s"])
+    assert result["tune_startup"]["trials"] == result["settings"]["tune_trials"]
+    assert "augment_batch" in result["data"]["ray"]["ray_data_stats_last_pass"]
     assert result["training"]["plain"]["images_per_s"] > 0
     assert "skipped" in result["gpu"] or result["gpu"]["images_per_s_128px_bf16_channels_last"] > 0
     table = reports[0].with_suffix(".md").read_text()

@@ -86,3 +86,16 @@ def test_evaluate_multiclass_matches_manual_confusion():
     manual = ConfusionMatrix(19)
     manual.update(batch["mask"], pred)
     assert torch.equal(cm.mat, manual.mat)
+
+
+def test_first_step_seconds_counts_the_wait_for_the_first_batch():
+    import time
+
+    def slow_start(batches, wait):
+        time.sleep(wait)  # a data pipeline that is not ready when the epoch begins
+        yield from batches
+
+    model = UNet(num_classes=2, depth=1, base_channels=4)
+    optimizer = torch.optim.Adam(model.parameters())
+    out = engine.train_one_epoch(model, slow_start([_batch(n=2, size=16)] * 3, 0.3), optimizer, torch.device("cpu"))
+    assert 0.3 <= out["first_step_seconds"] <= out["train_seconds"]

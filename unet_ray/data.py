@@ -1,8 +1,9 @@
 """Ray Data datasets for training and validation, built from a prepared folder.
 
-train: read Parquet -> raw bytes to arrays -> materialize (kept in the object store, so later
-epochs skip the read) -> joint augmentation, re-run and re-drawn on every epoch.
-val:   read Parquet -> arrays -> materialize; no augmentation.
+train: Parquet (read by the driver) -> raw bytes to arrays -> one block per CPU -> materialize
+       (kept in the object store: later epochs skip read and decode) -> joint augmentation,
+       re-run and re-drawn on every epoch.
+val:   the same without augmentation.
 
 Also resolves what `--data` points at (nothing, a pairs folder, a prepared folder) into a prepared
 folder, preparing it on the way when needed.
@@ -11,6 +12,7 @@ folder, preparing it on the way when needed.
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,18 @@ def augment_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np
 def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict[str, Any]:
     import ray
 
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     datasets = {}
     for split in pairs.SPLITS:
-        ds = ray.data.read_parquet(
-            str(Path(prepared) / split), columns=["image", "mask"], num_cpus=DATA_TASK_CPUS
-        ).map_batches(
+        table = read_split(Path(prepared), split)
+        ds = ray.data.from_arrow(table).map_batches(
             rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=BATCH_ROWS, num_cpus=DATA_TASK_CPUS
+        ).repartition(
+            # One block per CPU: each block is one augment task per epoch, so the augmentation runs
+            # on every CPU at once (one block would be augmented by one task, serially). Not
+            # smaller: each task costs ~10 ms of Ray overhead (measured: 64-row blocks halved
+            # the throughput on 2 cores).
+            _block_count(table.num_rows, cpus)
         ).materialize()
         if split == "train" and augment:
             ds = ds.map_batches(
@@ -51,6 +59,29 @@ def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict
             )
         datasets[split] = ds
     return datasets
+
+
+def read_split(prepared: Path, split: str):
+    """One split of a prepared folder as an Arrow table (image and mask bytes), read here.
+
+    The driver reads it and hands the table to Ray Data (`from_arrow`) rather than running
+    `read_parquet` tasks: 0.2 s against 1.3 s warm and 3.6 s cold for 256 rows at 128 px on 2
+    cores, a cost every run and every Tune trial pays before its first step. The data is kept
+    in the object store for the whole run either way (materialized), so it is read only once.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = prepared / split
+    try:
+        return pq.read_table(folder, columns=["image", "mask"])
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{folder}: cannot read the prepared Parquet files ({e}); prepare the data again") from None
+
+
+def _block_count(rows: int, cpus: int) -> int:
+    """As many blocks as CPUs, but none smaller than one Ray Data batch."""
+    return max(1, min(cpus, math.ceil(rows / BATCH_ROWS)))
 
 
 def check_source(cfg: TrainConfig) -> None:

@@ -55,6 +55,10 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if steps == 0:  # how long the epoch waited for data before its first step, plus that step
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first_step_seconds = time.perf_counter() - start
         loss_sum += loss.detach()  # no .item() per step: it would sync the GPU every batch
         images_seen += x.shape[0]
         steps += 1
@@ -63,6 +67,7 @@ def train_one_epoch(
         "train_loss": float(loss_sum) / max(steps, 1),
         "train_images": images_seen,
         "train_seconds": seconds,
+        "first_step_seconds": first_step_seconds if steps else seconds,
     }
 
 

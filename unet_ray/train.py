@@ -134,7 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     batch_size = cfg.optim.batch_size
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
-        epoch_start = time.perf_counter()
+        epoch_start, epoch_started_at = time.perf_counter(), time.time()
         stats = engine.train_one_epoch(
             model,
             train_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2),
@@ -167,6 +167,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss,
             "images_per_s": images / seconds if seconds > 0 else 0.0,
             "epoch_seconds": time.perf_counter() - epoch_start,
+            "epoch_started_at": epoch_started_at,  # unix time; with first_step_s, when training began
+            "first_step_s": stats["first_step_seconds"],  # waiting for the first batch + one step
             "restored_from_epoch": restored_from,  # > 0 on the first epoch after a restart or resume
         }
         restored_from = 0
@@ -217,14 +219,24 @@ def _all_reduce_train_stats(stats: dict[str, float], device: torch.device) -> tu
 
 def _val_unequal_data_config():
     """Split train equally (DDP needs the same number of steps on every worker) and val unequally:
-    `equal=True` would drop rows, and validation must see every pixel."""
+    `equal=True` would drop rows, and validation must see every pixel.
+
+    Train is augmented anew every epoch, so it streams through a split coordinator. Val is
+    materialized and never changes: its blocks are divided among the workers once, with no
+    coordinator actor to start (one process fewer at start-up) and none to run every epoch.
+    """
     import ray.train
+    from ray.data.dataset import MaterializedDataset
 
     class SplitValUnequally(ray.train.DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             output = [{} for _ in range(world_size)]
             hints = worker_node_ids if self._enable_shard_locality else None
             for name, ds in datasets.items():
+                if name == "val" and isinstance(ds, MaterializedDataset):
+                    for i, part in enumerate(ds.split(world_size, equal=False)):
+                        output[i][name] = part.iterator()
+                    continue
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
                 for i, it in enumerate(ds.streaming_split(world_size, equal=(name == "train"), locality_hints=hints)):

@@ -6,7 +6,8 @@ four times fewer bytes than float, and the float conversion happens on the worke
 
 from __future__ import annotations
 
-import albumentations as A
+import os
+
 import cv2
 import numpy as np
 
@@ -21,12 +22,19 @@ def rows_to_arrays(batch: dict[str, np.ndarray], image_size: int) -> dict[str, n
     return {"image": images, "mask": masks}
 
 
-def train_augmentation(image_size: int) -> A.Compose:
-    """Flips, scale/crop and colour jitter, applied to image and mask together.
+def train_augmentation(image_size: int):
+    """Flips, scale/crop and colour jitter, applied to image and mask together (an A.Compose).
 
     Masks are resampled with nearest neighbour (class ids must stay ids); no seed, so every
     epoch draws new parameters.
     """
+    # Imported here, not at the top: albumentations imports torch (seconds in a fresh process),
+    # and the prepare and decode tasks, which import this module too, never augment. Its import
+    # also asks PyPI for a newer version (up to 2 s, in every fresh data worker; offline cluster
+    # nodes always wait the full timeout) unless told not to.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+
     return A.Compose(
         [
             A.HorizontalFlip(p=0.5),
