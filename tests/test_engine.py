@@ -99,3 +99,33 @@ def test_first_step_seconds_counts_the_wait_for_the_first_batch():
     optimizer = torch.optim.Adam(model.parameters())
     out = engine.train_one_epoch(model, slow_start([_batch(n=2, size=16)] * 3, 0.3), optimizer, torch.device("cpu"))
     assert 0.3 <= out["first_step_seconds"] <= out["train_seconds"]
+
+
+def test_start_in_background_fetches_the_first_batch_early_and_keeps_order():
+    import threading
+    import time
+
+    import pytest
+
+    from unet_ray.train import start_in_background
+
+    fetched_by = []
+
+    def batches():
+        fetched_by.append(threading.current_thread().name)
+        yield from range(4)
+
+    started = start_in_background(batches())
+    deadline = time.monotonic() + 5
+    while not fetched_by and time.monotonic() < deadline:  # fetched before anyone asks
+        time.sleep(0.01)
+    assert fetched_by == ["first-batch"]
+    assert list(started) == [0, 1, 2, 3]
+    assert list(start_in_background(iter([]))) == []
+
+    def broken():
+        raise ValueError("bad block")
+        yield  # pragma: no cover
+
+    with pytest.raises(ValueError, match="bad block"):
+        list(start_in_background(broken()))
