@@ -133,6 +133,8 @@ def test_killed_driver_resumes_at_next_epoch(tmp_path):
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resumed from epoch {done_before[-1]} checkpoint" in rerun.stdout + rerun.stderr
+    # each progress line reaches the user once (Ray Train's print patch would copy it to stderr)
+    assert (rerun.stdout + rerun.stderr).count("[unet-ray] epoch 6/6") == 1
     assert epochs() == [1, 2, 3, 4, 5, 6]
     rows = [json.loads(x) for x in history.read_text().splitlines()]
     assert [r["restored_from_epoch"] for r in rows] == [0] * len(done_before) + [done_before[-1]] + [0] * (5 - len(done_before))

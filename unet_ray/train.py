@@ -49,6 +49,10 @@ def ensure_ray(progress=print) -> None:
 
     if ray.is_initialized():
         return
+    # Ray Train's print patch copies every print() of a worker to stderr as well: each progress
+    # line would reach the terminal twice. Plain prints still reach the driver through Ray's log
+    # forwarding. (Ray Train passes this variable on to the controller and the workers.)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     address = os.environ.get("RAY_ADDRESS", "")
     if address:
