@@ -126,6 +126,7 @@ def test_train_job_joins_cluster_and_writes_under_storage_path(one_node, job1):
     assert jobs_client(one_node).get_job_status("job1") == JobStatus.SUCCEEDED
     # it joined the cluster from RAY_ADDRESS instead of starting a Ray of its own
     assert f"ray: joined the cluster at {one_node.address}" in output
+    assert output.count("[unet-ray] epoch 8/8") == 1  # each progress line shown once
 
     run_dir = storage / "job1"
     assert [row["epoch"] for row in history(run_dir)] == list(range(1, 9))
