@@ -8,6 +8,7 @@ one small real sweep (3 trials x 3 epochs, about 2 minutes on 2 cores) and one h
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -179,20 +180,24 @@ def test_cli_refuses_what_is_not_an_experiment(tmp_path, make, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def start_server(folder: Path):
+@contextlib.contextmanager
+def running_server(folder: Path):
+    """The dashboard server on folder, serving from a thread until the block ends."""
     from unet_ray.dashboard.server import make_server
 
     server = make_server(folder, port=0, refresh_s=0.5)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-    return server
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
 def served(experiment):
-    server = start_server(experiment)
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running_server(experiment) as server:
+        yield server
 
 
 def raw_get(server, path: str, host: str | None = None, method: str = "GET") -> tuple[int, bytes]:
@@ -326,8 +331,7 @@ def wait_until_drawn(page) -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_dashboard_shows_the_sweep(browser, sweep, tmp_path_factory):
-    server = start_server(sweep)
-    try:
+    with running_server(sweep) as server:
         page, problems = open_page(browser, server.url)
         wait_until_drawn(page)
         page.wait_for_selector("#predictions img", timeout=90_000)  # first model load imports torch
@@ -358,9 +362,6 @@ def test_dashboard_shows_the_sweep(browser, sweep, tmp_path_factory):
         page.screenshot(path=str(shot), full_page=True)
         print(f"screenshot: {shot}")
         assert not problems, problems
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.ray
@@ -371,8 +372,7 @@ def test_page_follows_a_running_sweep_without_reload(browser, sweep, tmp_path):
     shutil.copytree(sweep, copy, symlinks=True)
     for file in [copy / "best.json", *copy.glob("runs/*/history.jsonl")]:
         file.write_text(file.read_text().replace(str(sweep), "/machine/that/ran/it/dash"))
-    server = start_server(copy)
-    try:
+    with running_server(copy) as server:
         page, problems = open_page(browser, server.url)
         wait_until_drawn(page)
         page.wait_for_selector("#predictions img", timeout=90_000)  # checkpoint and data found in the copy
@@ -400,9 +400,6 @@ def test_page_follows_a_running_sweep_without_reload(browser, sweep, tmp_path):
         assert page.get_attribute(f'tr[data-trial-id="{other}"]', "data-status") == "errored"
         assert page.evaluate("window.__sameDocument === true")
         assert not problems, problems
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.ray
