@@ -156,9 +156,7 @@ def make_trainable(base: dict[str, Any], prepared: str, experiment: str):
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from unet_ray.train import fit
-
-        from unet_ray.train import read_history
+        from unet_ray.train import fit, read_history
 
         trial_id = tune.get_context().get_trial_id()
         cfg = trial_config(base, params, prepared)
