@@ -81,10 +81,9 @@ def load_prepared(prepared: Path, split: str, image_size: int) -> dict[str, np.n
     """The prepared Parquet rows of one split as in-memory uint8 arrays, read without Ray."""
     import pyarrow.parquet as pq
 
-    from unet_ray.transforms import rows_to_arrays
+    from unet_ray.prepare import prepared_arrays
 
-    table = pq.read_table(str(prepared / split), columns=["image", "mask"])
-    return rows_to_arrays({c: np.array(table.column(c).to_pylist(), dtype=object) for c in ("image", "mask")}, image_size)
+    return prepared_arrays(pq.read_table(str(prepared / split), columns=["image", "mask"]), image_size, prepared / split)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet_ray.transforms import JointAugment, resize_pair, rows_to_arrays
+from unet_ray.transforms import JointAugment, resize_pair
 
 
 def _rect_batch(n=8, size=64, seed=0):
@@ -79,26 +79,6 @@ def test_augment_keeps_ignore_index():
     batch["mask"][:, :8] = 255
     out = JointAugment(64)(batch)
     assert set(np.unique(out["mask"]).tolist()) <= {0, 1, 255}
-
-
-def test_rows_bytes_round_trip():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-    masks = rng.integers(0, 2, (3, 16, 16), dtype=np.uint8)
-    rows = {
-        "image": np.array([im.tobytes() for im in images], dtype=object),
-        "mask": np.array([m.tobytes() for m in masks], dtype=object),
-    }
-    out = rows_to_arrays(rows, 16)
-    assert out["image"].dtype == np.uint8 and out["mask"].dtype == np.uint8
-    assert np.array_equal(out["image"], images)
-    assert np.array_equal(out["mask"], masks)
-
-
-def test_rows_bytes_of_wrong_size_fail():
-    rows = {"image": [np.zeros((8, 8, 3), np.uint8).tobytes()], "mask": [np.zeros((8, 8), np.uint8).tobytes()]}
-    with pytest.raises(ValueError):
-        rows_to_arrays(rows, 16)
 
 
 def test_resize_pair_keeps_ids():

@@ -1,7 +1,7 @@
 """Ray Data datasets for training and validation, built from a prepared folder.
 
-train: Parquet (read by the driver) -> raw bytes to arrays -> one block per CPU -> materialize
-       (kept in the object store: later epochs skip read and decode) -> joint augmentation,
+train: Parquet (read by the driver) -> arrays -> one block per CPU, put in the object store
+       (kept there for the run: no epoch reads or decodes again) -> joint augmentation,
        re-run and re-drawn on every epoch.
 val:   the same without augmentation.
 
@@ -22,8 +22,17 @@ import numpy as np
 
 from unet_ray import pairs
 from unet_ray.config import TrainConfig
-from unet_ray.prepare import DATA_TASK_CPUS, META_FILE, DataError, check_compatible, looks_prepared, prepare, read_meta
-from unet_ray.transforms import JointAugment, rows_to_arrays
+from unet_ray.prepare import (
+    DATA_TASK_CPUS,
+    META_FILE,
+    DataError,
+    check_compatible,
+    looks_prepared,
+    prepare,
+    prepared_arrays,
+    read_meta,
+)
+from unet_ray.transforms import JointAugment
 
 BATCH_ROWS = 64  # rows per Ray Data batch for the decode and augment stages
 
@@ -45,20 +54,24 @@ def augment_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np
 
 def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict[str, Any]:
     import ray
+    from ray.data.block import BlockAccessor
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     datasets = {}
     for split in pairs.SPLITS:
-        table = read_split(Path(prepared), split)
-        ds = ray.data.from_arrow(table).map_batches(
-            rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=BATCH_ROWS, num_cpus=DATA_TASK_CPUS
-        ).repartition(
-            # One block per CPU: each block is one augment task per epoch, so the augmentation runs
-            # on every CPU at once (one block would be augmented by one task, serially). Not
-            # smaller: each task costs ~10 ms of Ray overhead (measured: 64-row blocks halved
-            # the throughput on 2 cores).
-            _block_count(table.num_rows, cpus)
-        ).materialize()
+        arrays = prepared_arrays(read_split(Path(prepared), split), image_size, Path(prepared) / split)
+        # One block per CPU: each block is one augment task per epoch, so the augmentation runs
+        # on every CPU at once (one block would be augmented by one task, serially). Not
+        # smaller: each task costs ~10 ms of Ray overhead (measured: 64-row blocks halved the
+        # throughput on 2 cores). The blocks are made here and put in the object store as they
+        # are (from_blocks): no Ray tasks, so no worker process to start before training can.
+        rows = len(arrays["image"])
+        bounds = np.linspace(0, rows, _block_count(rows, cpus) + 1).astype(int)
+        blocks = [
+            BlockAccessor.batch_to_block({name: a[lo:hi] for name, a in arrays.items()})
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+        ds = ray.data.from_blocks(blocks)
         if split == "train" and augment:
             ds = ds.map_batches(
                 augment_batch, fn_kwargs={"image_size": image_size}, batch_size=BATCH_ROWS, num_cpus=DATA_TASK_CPUS
@@ -70,10 +83,10 @@ def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict
 def read_split(prepared: Path, split: str):
     """One split of a prepared folder as an Arrow table (image and mask bytes), read here.
 
-    The driver reads it and hands the table to Ray Data (`from_arrow`) rather than running
-    `read_parquet` tasks: 0.2 s against 1.3 s warm and 3.6 s cold for 256 rows at 128 px on 2
-    cores, a cost every run and every Tune trial pays before its first step. The data is kept
-    in the object store for the whole run either way (materialized), so it is read only once.
+    The driver reads it and hands it to Ray Data as blocks rather than running `read_parquet`
+    tasks: 0.2 s against 1.3 s warm and 3.6 s cold for 256 rows at 128 px on 2 cores, a cost
+    every run and every Tune trial pays before its first step. The data is kept in the object
+    store for the whole run either way, so it is read only once.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

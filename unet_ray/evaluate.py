@@ -16,8 +16,8 @@ import torch
 from unet_ray import engine, metrics, palette
 from unet_ray.checkpoint import load_model
 from unet_ray.pairs import BadPairError, is_pairs_folder, list_pairs, read_pair
-from unet_ray.prepare import DataError, check_compatible, looks_prepared, read_meta
-from unet_ray.transforms import resize_pair, rows_to_arrays
+from unet_ray.prepare import DataError, check_compatible, looks_prepared, prepared_arrays, read_meta
+from unet_ray.transforms import resize_pair
 
 
 def iter_split(
@@ -65,7 +65,7 @@ def iter_split(
     check_compatible(meta, data, label_set, image_size)
     table = pq.read_table(data / split, columns=["image", "mask"])
     for rb in table.to_batches(max_chunksize=batch_size):
-        arrays = rows_to_arrays({k: rb.column(k).to_pylist() for k in ("image", "mask")}, image_size)
+        arrays = prepared_arrays(rb, image_size, data / split)
         yield {"image": torch.from_numpy(arrays["image"].copy()), "mask": torch.from_numpy(arrays["mask"].copy())}
 
 

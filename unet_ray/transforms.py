@@ -1,4 +1,4 @@
-"""Batch transforms on NumPy arrays: prepared rows -> arrays, and joint image+mask augmentation.
+"""Transforms on NumPy arrays: resizing a pair, and joint image+mask augmentation of batches.
 
 Rows travel as uint8 (N, S, S, 3) images and (N, S, S) masks all the way to the training worker:
 four times fewer bytes than float, and the float conversion happens on the worker's device.
@@ -12,14 +12,6 @@ import cv2
 import numpy as np
 
 from unet_ray.palette import IGNORE_INDEX
-
-
-def rows_to_arrays(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Prepared Parquet rows (raw bytes) -> {"image": (N,S,S,3) uint8, "mask": (N,S,S) uint8}."""
-    n = len(batch["image"])
-    images = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(n, image_size, image_size, 3)
-    masks = np.frombuffer(b"".join(batch["mask"]), dtype=np.uint8).reshape(n, image_size, image_size)
-    return {"image": images, "mask": masks}
 
 
 def train_augmentation(image_size: int):
@@ -77,4 +69,4 @@ def resize_pair(photo: np.ndarray, ids: np.ndarray, size: int) -> tuple[np.ndarr
     return photo, ids
 
 
-__all__ = ["IGNORE_INDEX", "JointAugment", "resize_pair", "rows_to_arrays", "train_augmentation"]
+__all__ = ["IGNORE_INDEX", "JointAugment", "resize_pair", "train_augmentation"]

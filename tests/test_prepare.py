@@ -1,0 +1,60 @@
+"""Reading the prepared format back: rows of raw bytes -> uint8 arrays (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from unet_ray.prepare import DataError, prepared_arrays
+
+
+def _rows(n: int, size: int, seed: int = 0, binary=pa.binary()):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    masks = rng.integers(0, 2, (n, size, size), dtype=np.uint8)
+    table = pa.table(
+        {
+            "image": pa.array([im.tobytes() for im in images], type=binary),
+            "mask": pa.array([m.tobytes() for m in masks], type=binary),
+        }
+    )
+    return table, images, masks
+
+
+@pytest.mark.parametrize("binary", [pa.binary(), pa.large_binary()])
+def test_round_trip(binary):
+    table, images, masks = _rows(3, 16, binary=binary)
+    out = prepared_arrays(table, 16, "here")
+    assert out["image"].dtype == np.uint8 and out["mask"].dtype == np.uint8
+    assert np.array_equal(out["image"], images)
+    assert np.array_equal(out["mask"], masks)
+
+
+def test_slices_and_several_files():
+    """Record batches start at an offset into shared buffers; a table read from several files
+    has several chunks. Both must give exactly their own rows."""
+    first, images_a, masks_a = _rows(5, 8, seed=1)
+    second, images_b, masks_b = _rows(4, 8, seed=2)
+    both = pa.concat_tables([first, second])
+    assert both.column("image").num_chunks == 2
+    out = prepared_arrays(both, 8, "here")
+    assert np.array_equal(out["image"], np.concatenate([images_a, images_b]))
+    assert np.array_equal(out["mask"], np.concatenate([masks_a, masks_b]))
+    batch = first.to_batches(max_chunksize=2)[1]  # rows 2 and 3
+    assert batch.column("image").offset == 2
+    out = prepared_arrays(batch, 8, "here")
+    assert np.array_equal(out["image"], images_a[2:4])
+    assert np.array_equal(out["mask"], masks_a[2:4])
+
+
+def test_empty_split():
+    table, _, _ = _rows(0, 8)
+    out = prepared_arrays(table, 8, "here")
+    assert out["image"].shape == (0, 8, 8, 3) and out["mask"].shape == (0, 8, 8)
+
+
+def test_rows_of_another_size_are_a_clear_error():
+    table, _, _ = _rows(2, 8)
+    with pytest.raises(DataError, match=r"prep/train: image rows are not 16x16"):
+        prepared_arrays(table, 16, "prep/train")
