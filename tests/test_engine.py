@@ -107,7 +107,7 @@ def test_start_in_background_fetches_the_first_batch_early_and_keeps_order():
 
     import pytest
 
-    from unet_ray.train import start_in_background
+    from unet_ray.worker import start_in_background
 
     fetched_by = []
 

@@ -1,7 +1,9 @@
-"""Ray Train: the per-worker loop and the driver that builds and runs the TorchTrainer.
+"""Ray Train: the driver that builds and runs the TorchTrainer.
 
-Three layers, as in Ray's own examples: `train_loop_per_worker` (runs on every worker),
-`run_training` (the driver: data, resources, trainer, summary) and, in tune.py, Tune around it.
+Three layers, as in Ray's own examples: `train_loop_per_worker` (worker.py, runs on every
+worker), `run_training` (here: data, resources, trainer, summary) and, in tune.py, Tune around it.
+The driver never imports torch itself: the loop, and with it torch, is imported only to build
+the trainer.
 """
 
 from __future__ import annotations
@@ -9,20 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from unet_ray import checkpoint as ckpt_io
-from unet_ray import engine, metrics
 from unet_ray.config import TrainConfig, storage_uri
-from unet_ray.model import build_model
 
 # CPUs kept free for Ray Data tasks when workers' CPUs are worked out automatically.
 DATA_RESERVE_CPUS = 0.5
@@ -67,6 +61,12 @@ def ensure_ray(progress=print) -> None:
         # Ray kills idle task workers beyond one per CPU. Our quarter-CPU data tasks then start a
         # fresh process every epoch and pay ~2 s importing albumentations (and torch) each time.
         os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKER_SOFT_LIMIT))
+        # Two helpers that cost a 2-core machine CPU while training starts and do nothing here
+        # (~1.5 CPU-seconds each, measured): the idle worker processes Ray starts in advance (the
+        # training and data tasks of a run cannot use them: Ray Train runs them under its own
+        # runtime_env), and Ray Train's watcher for preempted cloud nodes (a local Ray has none).
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
         progress(f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs")
 
@@ -98,165 +98,6 @@ def plan_resources(cfg: TrainConfig, cluster_cpus: float, data_reserve: float = 
         )
     cpus = math.floor(cpus * 100) / 100
     return WorkerResources(cpus, torch_threads=max(1, int(cpus + 0.5)), use_gpu=r.gpu)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-worker loop
-# ---------------------------------------------------------------------------------------------
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    cfg = TrainConfig.from_dict(loop_config["cfg"])
-    torch.set_num_threads(loop_config["torch_threads"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-
-    state = None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as folder:
-            state = ckpt_io.load_state(folder, map_location=device)
-    start_epoch = state["epoch"] if state else 0
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    batch_size = cfg.optim.batch_size
-
-    def train_batches():
-        return train_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
-
-    # Start the first epoch's data now, while the model is built and wrapped in DDP: in a fresh
-    # Ray the first augment tasks spend seconds importing albumentations (measured: 3 s of the
-    # first-batch wait), which would otherwise begin only once the model is ready.
-    first_batches = start_in_background(train_batches()) if start_epoch < cfg.optim.epochs else None
-
-    torch.manual_seed(cfg.run.seed)
-    net = build_model(cfg.model, cfg.num_classes)
-    if on_gpu:
-        net = net.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(net)
-    plain = getattr(model, "module", model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-
-    best_iou, restored_from = float("-inf"), 0
-    if state is not None:
-        plain.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        best_iou = state.get("best_val_iou", best_iou)
-        restored_from = start_epoch
-        if rank == 0:
-            print(f"[unet-ray] resumed from epoch {start_epoch} checkpoint", flush=True)
-
-    for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
-        epoch_start, epoch_started_at = time.perf_counter(), time.time()
-        stats = engine.train_one_epoch(
-            model,
-            first_batches if epoch == start_epoch + 1 else train_batches(),
-            optimizer,
-            device,
-            dice_weight=cfg.optim.dice_weight,
-            mixed_precision=on_gpu,
-            channels_last=on_gpu,
-        )
-        # Evaluate the unwrapped module: val shards may differ in batch count between workers, and
-        # a DDP forward could wait on a collective that the other rank never joins.
-        confusion = engine.evaluate(
-            plain,
-            val_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2),
-            cfg.num_classes,
-            device,
-            mixed_precision=on_gpu,
-            channels_last=on_gpu,
-        )
-        confusion.all_reduce()
-        scores = confusion.compute()
-        images, seconds, loss = _all_reduce_train_stats(stats, device)
-        report = {
-            "epoch": epoch,
-            **metrics.headline(scores, cfg.num_classes),
-            "val_miou": scores["miou"],
-            "val_pixel_accuracy": scores["pixel_accuracy"],
-            "val_iou_per_class": scores["iou_per_class"],
-            "val_pixels": int(confusion.mat.sum()),
-            "train_loss": loss,
-            "images_per_s": images / seconds if seconds > 0 else 0.0,
-            "epoch_seconds": time.perf_counter() - epoch_start,
-            "epoch_started_at": epoch_started_at,  # unix time; with first_step_s, when training began
-            "first_step_s": stats["first_step_seconds"],  # waiting for the first batch + one step
-            "restored_from_epoch": restored_from,  # > 0 on the first epoch after a restart or resume
-        }
-        restored_from = 0
-        best_iou = max(best_iou, report["val_iou"])
-        report["best_val_iou"] = best_iou
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:  # one writer; every rank reports
-                ckpt_io.save_state(
-                    tmp,
-                    {
-                        "model": plain.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "best_val_iou": best_iou,
-                        "metrics": {k: v for k, v in report.items() if not isinstance(v, list)},
-                        "config": cfg.to_dict(),
-                    },
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                print(
-                    f"[unet-ray] epoch {epoch}/{cfg.optim.epochs}  loss {loss:.4f}  val_iou {report['val_iou']:.4f}  "
-                    f"pixel_acc {report['val_pixel_accuracy']:.4f}  {report['images_per_s']:.1f} img/s  "
-                    f"{report['epoch_seconds']:.1f}s",
-                    flush=True,
-                )
-            ray.train.report(report, checkpoint=checkpoint)
-
-
-def start_in_background(batches: Iterable[Any]) -> Iterator[Any]:
-    """`batches`, whose first item is already being fetched by a thread (the rest as usual)."""
-    source = iter(batches)
-    first: list[Any] = []
-    failure: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            first.append(next(source))
-        except StopIteration:
-            pass
-        except BaseException as e:  # re-raised in the consumer, where the training loop sees it
-            failure.append(e)
-
-    fetcher = threading.Thread(target=fetch, name="first-batch", daemon=True)
-    fetcher.start()
-
-    def replay() -> Iterator[Any]:
-        fetcher.join()
-        if failure:
-            raise failure[0]
-        if first:
-            yield first[0]
-            yield from source
-
-    return replay()
-
-
-def _all_reduce_train_stats(stats: dict[str, float], device: torch.device) -> tuple[float, float, float]:
-    """(images over all workers, slowest worker's seconds, mean loss over workers)."""
-    import torch.distributed as dist
-
-    images = torch.tensor([stats["train_images"], stats["train_loss"]], dtype=torch.float64, device=device)
-    seconds = torch.tensor([stats["train_seconds"]], dtype=torch.float64, device=device)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        dist.all_reduce(images)
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return float(images[0]), float(seconds[0]), float(images[1]) / world
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +163,8 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], run_name: str, sto
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from unet_ray.worker import train_loop_per_worker
 
     res = plan_resources(cfg, ray.cluster_resources().get("CPU", 0))
     return TorchTrainer(
