@@ -143,3 +143,21 @@ def test_killed_worker_restarts_from_latest_checkpoint(trained, tmp_path):
     assert [row["epoch"] for row in history] == list(range(1, cfg.optim.epochs + 1))
     assert any(row["restored_from_epoch"] >= 1 for row in history), "the run never restarted from a checkpoint"
     assert summary["metrics"]["val_iou"] == pytest.approx(reference["metrics"]["val_iou"], abs=0.12)
+
+
+def test_every_epoch_sees_every_row_once_in_a_new_order(ray_session):
+    import numpy as np
+    import ray
+
+    from unet_ray.worker import shuffled_batches
+
+    ds = ray.data.range(240, override_num_blocks=2)
+
+    def epoch() -> list[int]:
+        return [int(i) for batch in shuffled_batches(ds, batch_size=8) for i in batch["id"]]
+
+    first, second = epoch(), epoch()
+    assert sorted(first) == sorted(second) == list(range(240))
+    assert first != second and first != list(range(240))
+    # mixed across the whole shard, not only within a batch: some row moves by more than 2 batches
+    assert np.abs(np.array(first) - np.arange(240)).max() > 16

@@ -72,6 +72,8 @@ def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
         ds = ray.data.from_blocks(blocks)
+        if split == "train":
+            ds = ds.randomize_block_order()  # drawn again every epoch; rows are mixed on the workers
         if split == "train" and augment:
             ds = ds.map_batches(
                 augment_batch, fn_kwargs={"image_size": image_size}, batch_size=BATCH_ROWS, num_cpus=DATA_TASK_CPUS

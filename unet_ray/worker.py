@@ -18,6 +18,8 @@ from unet_ray import engine, metrics
 from unet_ray.config import TrainConfig
 from unet_ray.model import build_model
 
+SHUFFLE_BUFFER_BATCHES = 4  # rows mixed per epoch: this many batches' worth at a time
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
@@ -42,7 +44,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batch_size = cfg.optim.batch_size
 
     def train_batches():
-        return train_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
+        return shuffled_batches(train_shard, batch_size)
 
     # Start the first epoch's data now, while the model is built and wrapped in DDP: in a fresh
     # Ray the first augment tasks spend seconds importing albumentations (measured: 3 s of the
@@ -129,6 +131,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     flush=True,
                 )
             ray.train.report(report, checkpoint=checkpoint)
+
+
+def shuffled_batches(shard: Any, batch_size: int) -> Iterable[Any]:
+    """One epoch of `shard` (a Ray Data iterator or dataset) as torch batches, in a new row order
+    every epoch, as a DataLoader with shuffle=True gives: rows are mixed in a buffer of a few
+    batches (and the blocks arrive in a new random order too: see data.build_datasets)."""
+    return shard.iter_torch_batches(
+        batch_size=batch_size, prefetch_batches=2, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size
+    )
 
 
 def start_in_background(batches: Iterable[Any]) -> Iterator[Any]:
