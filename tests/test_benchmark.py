@@ -28,6 +28,7 @@ def test_quick_benchmark_writes_measured_reports(tmp_path):
         assert result[key] > 0, key
     startup = result["startup"]
     assert startup["to_first_step_s"] > startup["to_training_loop_s"] > startup["ray_started_s"] > 0
+    assert startup["runs_to_first_step_s"] == [startup["to_first_step_s"]]  # quick mode: one cold start
     assert all(t > 0 for t in result["tune_startup"]["trial_to_first_step_s"])
     assert result["tune_startup"]["trials"] == result["settings"]["tune_trials"]
     assert "augment_batch" in result["data"]["ray"]["ray_data_stats_last_pass"]

@@ -27,6 +27,7 @@ def test_round_trip(binary):
     table, images, masks = _rows(3, 16, binary=binary)
     out = prepared_arrays(table, 16, "here")
     assert out["image"].dtype == np.uint8 and out["mask"].dtype == np.uint8
+    assert not out["image"].flags.writeable and not out["mask"].flags.writeable  # views, not copies
     assert np.array_equal(out["image"], images)
     assert np.array_equal(out["mask"], masks)
 

@@ -88,6 +88,7 @@ def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> di
                 "prepare the data again"
             )
         values = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        values.flags.writeable = False  # a write would change the Arrow table underneath
         arrays[name] = values.reshape(n, *shape)
     return arrays
 
