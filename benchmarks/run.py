@@ -78,15 +78,6 @@ def train_config(s: Settings, data: str | None, storage: Path, name: str, worker
     ).validate()
 
 
-def load_prepared(prepared: Path, split: str, image_size: int) -> dict[str, np.ndarray]:
-    """The prepared Parquet rows of one split as in-memory uint8 arrays, read without Ray."""
-    import pyarrow.parquet as pq
-
-    from unet_ray.prepare import prepared_arrays
-
-    return prepared_arrays(pq.read_table(str(prepared / split), columns=["image", "mask"]), image_size, prepared / split)
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. training throughput
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.data import DataContext
 
     from unet_ray import pairs
-    from unet_ray.prepare import prepare
+    from unet_ray.prepare import prepare, read_prepared_split
     from unet_ray.train import ensure_ray, plan_resources
 
     result: dict[str, Any] = {
@@ -458,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare(tmp / "pairs", tmp / "prepared", s.image_size, "road", progress=log)
             result["prepare_s"] = time.perf_counter() - t0
             prepared = tmp / "prepared"
-            arrays = load_prepared(prepared, "train", s.image_size)
+            arrays = read_prepared_split(prepared, "train", s.image_size)
 
             log("data stage")
             big = replicate_prepared(prepared, tmp / f"prepared_x{s.data_copies}", s.data_copies)
@@ -490,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["accuracy_for_time"] = {"skipped": reason}
 
             gpu_sizes = {} if not _cuda() else {
-                size: load_prepared(_prepare_at(tmp, size, prepared, s.image_size), "train", size) for size in (128, 256)
+                size: read_prepared_split(_prepare_at(tmp, size, prepared, s.image_size), "train", size) for size in (128, 256)
             }
             result["gpu"] = gpu_throughput(s, gpu_sizes)
         finally:

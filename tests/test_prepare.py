@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from unet_ray.prepare import DataError, prepared_arrays
+from unet_ray.prepare import DataError, prepared_arrays, read_prepared_split
 
 
 def _rows(n: int, size: int, seed: int = 0, binary=pa.binary()):
@@ -59,3 +59,17 @@ def test_rows_of_another_size_are_a_clear_error():
     table, _, _ = _rows(2, 8)
     with pytest.raises(DataError, match=r"prep/train: image rows are not 16x16"):
         prepared_arrays(table, 16, "prep/train")
+
+
+def test_read_prepared_split(tmp_path):
+    import pyarrow.parquet as pq
+
+    table, images, masks = _rows(3, 8)
+    (tmp_path / "train").mkdir()
+    pq.write_table(table, tmp_path / "train" / "part-0.parquet")
+    out = read_prepared_split(tmp_path, "train", 8)
+    assert np.array_equal(out["image"], images) and np.array_equal(out["mask"], masks)
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "part-0.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"val: cannot read the prepared Parquet files"):
+        read_prepared_split(tmp_path, "val", 8)

@@ -16,7 +16,7 @@ import torch
 from unet_ray import engine, metrics, palette
 from unet_ray.checkpoint import load_model
 from unet_ray.pairs import BadPairError, is_pairs_folder, list_pairs, read_pair
-from unet_ray.prepare import DataError, check_compatible, looks_prepared, prepared_arrays, read_meta
+from unet_ray.prepare import DataError, check_compatible, looks_prepared, read_meta, read_prepared_split
 from unet_ray.transforms import resize_pair
 
 
@@ -59,14 +59,10 @@ def iter_split(
         if images:
             yield _batch(images, masks)
         return
-    import pyarrow.parquet as pq
-
-    meta = read_meta(data)
-    check_compatible(meta, data, label_set, image_size)
-    table = pq.read_table(data / split, columns=["image", "mask"])
-    for rb in table.to_batches(max_chunksize=batch_size):
-        arrays = prepared_arrays(rb, image_size, data / split)
-        yield {"image": torch.from_numpy(arrays["image"].copy()), "mask": torch.from_numpy(arrays["mask"].copy())}
+    check_compatible(read_meta(data), data, label_set, image_size)
+    arrays = read_prepared_split(data, split, image_size)
+    for start in range(0, len(arrays["image"]), batch_size):
+        yield {k: torch.from_numpy(a[start : start + batch_size].copy()) for k, a in arrays.items()}
 
 
 def _batch(images: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -93,6 +93,20 @@ def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> di
     return arrays
 
 
+def read_prepared_split(prepared: str | os.PathLike, split: str, image_size: int) -> dict[str, np.ndarray]:
+    """One split of a prepared folder as uint8 arrays (see `prepared_arrays`), read in this
+    process with pyarrow: no Ray tasks (training reads it in the driver, evaluate without Ray)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(prepared) / split
+    try:
+        table = pq.read_table(folder, columns=["image", "mask"])
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{folder}: cannot read the prepared Parquet files ({e}); prepare the data again") from None
+    return prepared_arrays(table, image_size, folder)
+
+
 def list_source(src: Path) -> dict[str, list[Path]]:
     """The pair files of train/ and val/; a DataError when either is missing or empty."""
     files: dict[str, list[Path]] = {}
