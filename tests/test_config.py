@@ -21,6 +21,28 @@ def test_defaults_validate():
     assert cfg.optim.lr == 1e-3
     # round trip through a plain dict
     assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert cfg.run.max_failures > 0  # a killed worker restarts from the latest checkpoint by default
+
+
+def _run(**run) -> TrainConfig:
+    return TrainConfig.from_dict({"run": run}).validate()
+
+
+def test_workers_leave_room_for_data_tasks_on_2_cpus():
+    from unet_ray.train import DATA_RESERVE_CPUS, plan_resources
+
+    plan = plan_resources(_run(workers=2), 2.0)
+    # 2 workers share what the data reserve leaves; one torch thread each: no oversubscription
+    assert plan.cpus_per_worker * 2 <= 2.0 - DATA_RESERVE_CPUS and plan.torch_threads == 1
+    assert plan_resources(_run(workers=1), 16.0).torch_threads == 16  # 15.5 CPUs, rounded
+    assert plan_resources(_run(workers=4, gpu=True), 2.0).cpus_per_worker == 1.0  # GPU: at least 1 CPU
+
+
+def test_workers_that_cannot_fit_are_a_config_error():
+    from unet_ray.train import plan_resources
+
+    with pytest.raises(ConfigError, match="3 workers x 1 CPUs do not fit in 2 CPUs"):
+        plan_resources(_run(workers=3, cpus_per_worker=1.0), 2.0)
 
 
 def test_yaml_scientific_notation_becomes_float(tmp_path):
@@ -150,6 +172,22 @@ def _ray_not_started():
     imported it, nothing can have started it; if another module did, ask it."""
     ray = sys.modules.get("ray")
     return ray is None or not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prepare", "--src", "{pairs}", "--out", "{tmp}/out", "--image-size", "0"], "--image-size 0: must be between 32 and 1024"),
+        (["prepare", "--src", "{pairs}", "--out", "{tmp}/out", "--image-size", "4096"], "--image-size 4096"),
+        (["synth", "--out", "{tmp}/s", "--train", "0", "--val", "2"], "--train 0 --val 2: synthetic data needs at least 1"),
+    ],
+)
+def test_cli_prepare_and_synth_check_sizes_before_any_work(argv, message, pairs_folder, tmp_path, capsys):
+    argv = [a.format(pairs=pairs_folder, tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
+    assert _ray_not_started()
 
 
 def test_cli_bad_lr_fails_fast_before_any_cluster(capsys):

@@ -50,6 +50,32 @@ def test_iter_split_bad_file_raises_naming_it(pairs_folder):
     assert "--skip-bad-files" in str(info.value)
 
 
+def test_cli_evaluate_prints_strict_json_with_counts(pairs_folder, tmp_path, capsys):
+    """19 classes on 2 synthetic pairs: most classes never occur, and their IoU is null in the
+    output, not NaN (which jq and JSON.parse refuse). The pairs read and skipped are counted."""
+    from unet_ray import checkpoint as ckpt_io
+    from unet_ray.cli import main
+    from unet_ray.config import TrainConfig
+    from unet_ray.model import build_model
+
+    cfg = TrainConfig.from_dict(
+        {"data": {"image_size": 64, "classes": "cityscapes19"}, "model": {"depth": 2, "base_channels": 4}}
+    ).validate()
+    model = build_model(cfg.model, cfg.num_classes)
+    ckpt_io.save_state(tmp_path / "ckpt", {"model": model.state_dict(), "epoch": 1, "config": cfg.to_dict(), "metrics": {}})
+    (pairs_folder / "val" / "bad.jpg").write_text("oops")
+    args = ["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(pairs_folder), "--skip-bad-files"]
+    assert main(args) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in the output")
+
+    result = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert result["pairs"] == 2 and len(result["skipped_files"]) == 1 and "bad.jpg" in result["skipped_files"][0]
+    per_class = result["val_iou_per_class"]
+    assert len(per_class) == 19 and None in per_class.values()
+
+
 def test_iter_split_skips_bad_file_when_asked(pairs_folder):
     (pairs_folder / "val" / "7.jpg").write_text("oops")
     (pairs_folder / "val" / "8.jpg").write_bytes(b"")

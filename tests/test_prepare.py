@@ -73,3 +73,19 @@ def test_read_prepared_split(tmp_path):
     (tmp_path / "val" / "part-0.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"val: cannot read the prepared Parquet files"):
         read_prepared_split(tmp_path, "val", 8)
+
+
+def test_a_lost_part_file_is_not_silently_fewer_rows(tmp_path):
+    """meta.json records each split's row count; a split that reads fewer rows is refused."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    (tmp_path / "train").mkdir()
+    for part in range(2):
+        pq.write_table(_rows(3, 8, seed=part)[0], tmp_path / "train" / f"part-{part}.parquet")
+    (tmp_path / "meta.json").write_text(json.dumps({"counts": {"train": 6, "val": 1}}))
+    assert len(read_prepared_split(tmp_path, "train", 8)["image"]) == 6
+    (tmp_path / "train" / "part-1.parquet").unlink()
+    with pytest.raises(DataError, match=r"train holds 3 rows but .*meta.json records 6: part files are missing"):
+        read_prepared_split(tmp_path, "train", 8)

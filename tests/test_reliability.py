@@ -3,6 +3,7 @@ resumes from its last checkpoint."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -18,10 +19,20 @@ from helpers import kill_session
 from unet_ray import pairs
 from unet_ray.cli import main
 
+def _jpeg_claiming_a_huge_size(path: Path) -> None:
+    """A JPEG whose header says 65000x65000 pixels: PIL refuses it as a decompression bomb."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (512, 256)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    data[sof + 5 : sof + 9] = (65000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(data))
+
+
 BAD_FILES = {
     # name: (how to write it, the words the message must contain)
     "text.jpg": (lambda p: p.write_text("not an image"), "not a readable image"),
-    "truncated.jpg": (lambda p: p.write_bytes(pairs.synth_pair_bytes(np.random.default_rng(1))[:3000]), "truncated.jpg"),
+    "truncated.jpg": (lambda p: p.write_bytes(pairs.synth_pair_bytes(np.random.default_rng(1))[:3000]), "not a readable image"),
     "empty.jpg": (lambda p: p.write_bytes(b""), "empty file"),
     "square.jpg": (lambda p: Image.new("RGB", (256, 256)).save(p, "JPEG"), "256x256"),
     "gray.jpg": (lambda p: Image.new("L", (512, 256)).save(p, "JPEG"), "grayscale"),
@@ -31,6 +42,7 @@ BAD_FILES = {
         "colour mask",
     ),
     "unreadable.jpg": (lambda p: p.symlink_to(p.parent / "missing-target.jpg"), "cannot be read"),
+    "huge.jpg": (_jpeg_claiming_a_huge_size, "not a readable image"),
 }
 
 
@@ -101,6 +113,19 @@ class TestBadInputThroughRay:
     def test_train_on_bad_pairs_names_the_file(self, bad_pairs, tmp_path, capsys):
         code = main(["train", "--data", str(bad_pairs), "--storage-path", str(tmp_path / "r"), "--image-size", "64"])
         assert code == 2
+        assert "empty.jpg: empty file" in capsys.readouterr().err
+
+    def test_train_skips_and_counts_when_allowed(self, bad_pairs, tmp_path, capsys):
+        storage = tmp_path / "r"
+        args = ["train", "--data", str(bad_pairs), "--storage-path", str(storage), "--name", "skip", "--image-size", "64",
+                "--depth", "2", "--base-channels", "4", "--epochs", "1", "--workers", "1"]  # fmt: skip
+        assert main([*args, "--skip-bad-files"]) == 0
+        out = capsys.readouterr().out
+        assert "data: 6 train / 3 val pairs" in out and f"skipped {len(BAD_FILES)} bad files" in out
+        skipped = (storage / "skip" / "prepared" / "skipped.txt").read_text().splitlines()
+        assert sorted(Path(line.split(": ")[0]).name for line in skipped) == sorted(BAD_FILES)
+        # the same data without --skip-bad-files is not reused as if it were clean: the bad files are named
+        assert main(args) == 2
         assert "empty.jpg: empty file" in capsys.readouterr().err
 
 

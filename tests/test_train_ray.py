@@ -23,7 +23,7 @@ def small_config(tmp_path, name="run", epochs=8, **data) -> TrainConfig:
     varies between runs), which the worker-kill test compares."""
     return TrainConfig.from_dict(
         {
-            "data": {"image_size": 64, "synth_train": 64, "synth_val": 24, "augment": False, **data},
+            "data": {"image_size": 64, "synth_train": 64, "synth_val": 25, "augment": False, **data},
             "model": {"depth": 3, "base_channels": 8},
             "optim": {"epochs": epochs, "batch_size": 4, "lr": 3e-3},
             "run": {"workers": 2, "storage_path": str(tmp_path), "name": name, "seed": 0},
@@ -57,8 +57,8 @@ def test_two_worker_run_learns(trained):
     assert [row["epoch"] for row in history] == list(range(1, cfg.optim.epochs + 1))
     first, best = history[0]["val_iou"], max(row["val_iou"] for row in history)
     assert best > first + 0.2 and best > 0.6, [row["val_iou"] for row in history]
-    # every val pixel was seen: 24 images of 64x64, none dropped by the uneven 2-way split
-    assert all(row["val_pixels"] == 24 * 64 * 64 for row in history)
+    # every val pixel was seen: 25 images of 64x64, none dropped by the uneven 2-way split
+    assert all(row["val_pixels"] == 25 * 64 * 64 for row in history)
     assert summary["metrics"]["val_iou"] == pytest.approx(best)
 
 
@@ -69,10 +69,14 @@ def test_best_checkpoint_matches_single_process_evaluate(trained):
     assert best["checkpoint"] == summary["checkpoint"]
     state = ckpt_io.load_state(summary["checkpoint"])
     assert set(state) >= {"model", "optimizer", "epoch", "config"}
-    # evaluate the same checkpoint in one process, on the prepared data and on the raw pairs
+    # evaluate the same checkpoint in one process, on the prepared data and on the raw pairs.
+    # Both workers validated rows (12 and 13: val is cut into one block per worker), with
+    # BatchNorm layers, so this also checks that every rank validates with the checkpoint's
+    # BatchNorm statistics.
+    assert cfg.model.batch_norm
     for data in (run_dir + "/prepared", run_dir + "/synthetic_pairs"):
         result = evaluate_checkpoint(run_dir, data)
-        assert result["val_pixels"] == 24 * 64 * 64
+        assert result["val_pixels"] == 25 * 64 * 64
         assert result["val_iou"] == pytest.approx(summary["metrics"]["val_iou"], abs=1e-6)
 
 
@@ -122,27 +126,46 @@ def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240)
 
 
 def test_killed_worker_restarts_from_latest_checkpoint(trained, tmp_path):
-    """SIGKILL a training worker during epoch 2: the run restarts its workers from the epoch-1
-    checkpoint, reports every epoch once and reaches the IoU of the uninterrupted run."""
+    """SIGKILL a training worker during epoch 2 of a 4-epoch run: the run restarts its workers
+    from the epoch-1 checkpoint, reports every epoch once and reaches the IoU that the
+    uninterrupted run of the same seed had at epoch 4 (no LR schedule: its first 4 epochs are
+    a 4-epoch run)."""
     import threading
 
     from unet_ray.train import read_history, run_dir_of, run_training
 
-    reference_cfg, reference, _ = trained
-    cfg = small_config(tmp_path, name="killed")
+    _, _, reference_history = trained
+    cfg = small_config(tmp_path, name="killed", epochs=4)
     killed = {}
     watcher = threading.Thread(
         target=lambda: killed.setdefault("pid", _kill_one_train_worker_after(run_dir_of(cfg) / "history.jsonl", 1)),
         daemon=True,
     )
     watcher.start()
-    summary = run_training(cfg)
+    summary = run_training(cfg)  # raises if the run failed
     watcher.join(timeout=10)
     assert killed.get("pid"), "no worker was killed"
     history = read_history(run_dir_of(cfg))
-    assert [row["epoch"] for row in history] == list(range(1, cfg.optim.epochs + 1))
-    assert any(row["restored_from_epoch"] >= 1 for row in history), "the run never restarted from a checkpoint"
-    assert summary["metrics"]["val_iou"] == pytest.approx(reference["metrics"]["val_iou"], abs=0.12)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    # epoch 2 is the first after the restart, trained from the epoch-1 checkpoint; no other restart
+    assert [row["restored_from_epoch"] for row in history] == [0, 1, 0, 0]
+    assert summary["last_metrics"]["epoch"] == 4
+    assert history[-1]["val_iou"] == pytest.approx(reference_history[3]["val_iou"], abs=0.1)
+
+
+def test_val_is_shared_by_every_worker_without_dropping_rows(trained):
+    """build_datasets cuts val into one block per worker, and train.py divides it by blocks:
+    every worker gets rows (12 and 13 of 25), and together they hold all 25."""
+    from unet_ray.data import build_datasets
+    from unet_ray.train import _val_unequal_data_config
+
+    cfg, _, _ = trained
+    prepared = cfg.run.storage_path + "/" + cfg.run.name + "/prepared"
+    for workers in (1, 2, 3):
+        val = build_datasets(prepared, 64, augment=False, workers=workers)["val"]
+        shards = _val_unequal_data_config().configure({"val": val}, workers, [None] * workers, [None] * workers)
+        rows = sorted(sum(len(b["image"]) for b in shard["val"].iter_batches(batch_size=None)) for shard in shards)
+        assert sum(rows) == 25 and rows[0] >= 25 // workers, rows
 
 
 def test_every_epoch_sees_every_row_once_in_a_new_order(ray_session):

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from unet_ray.transforms import JointAugment, resize_pair
 

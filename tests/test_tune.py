@@ -67,6 +67,17 @@ def test_cli_refuses_bad_yaml_before_ray_starts(tmp_path, capsys):
         assert not sys.modules["ray"].is_initialized()
 
 
+def test_object_store_uri_is_refused_for_a_sweep_before_ray_starts(tmp_path, capsys, monkeypatch):
+    from unet_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)  # a URI taken for a relative path would show up here as ./s3:
+    assert main(["tune", "--config", str(SMOKE), "--storage-path", "s3://bucket/results"]) == 2
+    assert "a sweep needs a file system path shared by all nodes" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
+
+
 def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
     """Every result row Tune recorded, by trial id (from the trial folders' result.json)."""
     rows = {}

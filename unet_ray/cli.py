@@ -4,9 +4,10 @@ exit non-zero (so a Ray job shows FAILED); nothing here runs at import time."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
+
+from unet_ray import jsonfile
 
 # Flags shared by train (and tune's fixed settings): flag -> (dotted config key, type, help).
 TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -55,8 +56,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from unet_ray.config import ConfigError
     from unet_ray.pairs import write_synthetic
 
+    if args.train < 1 or args.val < 1:
+        raise ConfigError(f"--train {args.train} --val {args.val}: synthetic data needs at least 1 pair in each")
     out = write_synthetic(args.out, args.train, args.val, seed=args.seed)
     print(f"wrote {args.train} train and {args.val} val synthetic pairs to {out}")
     return 0
@@ -65,9 +69,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from unet_ray.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigError, check_image_size
     from unet_ray.prepare import list_source, prepare
     from unet_ray.train import ensure_ray
 
+    if not check_image_size(args.image_size):
+        raise ConfigError(f"--image-size {args.image_size}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
     list_source(Path(args.src).expanduser())  # missing or empty train/, val/: an error before Ray
     ensure_ray()
     prepare(args.src, args.out, args.image_size, args.classes, args.skip_bad_files)
@@ -86,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from unet_ray.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.skip_bad_files)
-    print(json.dumps(result, indent=2))
+    print(jsonfile.dumps(result, indent=2))
     return 0
 
 
@@ -112,7 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except PredictionFailed as e:
         print(f"unet-ray predict: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print(jsonfile.dumps(summary, indent=2))
     return 0
 
 
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from unet_ray.prepare import DataError
 
     args = build_parser().parse_args(argv)
-    known = (ConfigError, DataError, CheckpointError, BadPairError, FileNotFoundError)
+    known = (ConfigError, DataError, CheckpointError, BadPairError, FileNotFoundError, PermissionError)
     try:
         return args.func(args)
     except known as e:

@@ -155,6 +155,13 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+
+
+def check_image_size(size: int) -> bool:
+    return MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+
+
 def _validate(cfg: TrainConfig, check_paths: bool) -> None:
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
 
@@ -163,7 +170,7 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
             raise ConfigError(message)
 
     need(d.classes in palette.LABEL_SETS, f"data.classes={d.classes!r}: choose one of {', '.join(palette.LABEL_SETS)}")
-    need(32 <= d.image_size <= 1024, f"data.image_size={d.image_size}: must be between 32 and 1024")
+    need(check_image_size(d.image_size), f"data.image_size={d.image_size}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
     need(d.synth_train >= 1 and d.synth_val >= 1, "data.synth_train and data.synth_val must be >= 1")
     need(1 <= m.depth <= MAX_DEPTH, f"model.depth={m.depth}: must be between 1 and {MAX_DEPTH}")
     need(

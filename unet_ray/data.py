@@ -25,6 +25,7 @@ from unet_ray.config import TrainConfig
 from unet_ray.prepare import (
     DATA_TASK_CPUS,
     META_FILE,
+    SKIPPED_FILE,
     DataError,
     check_compatible,
     looks_prepared,
@@ -52,7 +53,8 @@ def augment_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np
     return _augmenter(image_size)(batch)
 
 
-def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict[str, Any]:
+def build_datasets(prepared: str | Path, image_size: int, augment: bool, workers: int = 1) -> dict[str, Any]:
+    """train and val as Ray Data datasets. `workers`: how many training workers will share val."""
     import ray
     from ray.data.block import BlockAccessor
 
@@ -63,13 +65,16 @@ def build_datasets(prepared: str | Path, image_size: int, augment: bool) -> dict
         # 256 rows at 128 px on 2 cores, paid by every run and every Tune trial before its first
         # step. The data stays in the object store for the whole run, so it is read only once.
         arrays = read_prepared_split(prepared, split, image_size)
-        # One block per CPU: each block is one augment task per epoch, so the augmentation runs
+        # train: one block per CPU. Each block is one augment task per epoch, so the augmentation runs
         # on every CPU at once (one block would be augmented by one task, serially). Not
         # smaller: each task costs ~10 ms of Ray overhead (measured: 64-row blocks halved the
         # throughput on 2 cores). The blocks are made here and put in the object store as they
         # are (from_blocks): no Ray tasks, so no worker process to start before training can.
         rows = len(arrays["image"])
-        bounds = np.linspace(0, rows, _block_count(rows, cpus) + 1).astype(int)
+        # val is divided among the workers by whole blocks (train.py): one block per worker, so
+        # that every worker validates its share of the rows, and no rows are dropped.
+        blocks_wanted = _block_count(rows, cpus) if split == "train" else max(1, min(rows, workers))
+        bounds = np.linspace(0, rows, blocks_wanted + 1).astype(int)
         blocks = [
             BlockAccessor.batch_to_block({name: a[lo:hi] for name, a in arrays.items()})
             for lo, hi in zip(bounds[:-1], bounds[1:])
@@ -136,8 +141,11 @@ def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[P
     }
     if (target / META_FILE).is_file():
         meta = json.loads((target / META_FILE).read_text())
-        if all(meta.get(k) == v for k, v in wanted.items()):
-            progress(f"data: reusing {target} (prepared from {source})")
+        # Data prepared with --skip-bad-files is reused only by runs that allow skipping too.
+        skips_allowed = d.skip_bad_files or not meta.get("skipped")
+        if all(meta.get(k) == v for k, v in wanted.items()) and skips_allowed:
+            skipped = f"; {meta['skipped']} bad files left out, see {target / SKIPPED_FILE}" if meta.get("skipped") else ""
+            progress(f"data: reusing {target} (prepared from {source}{skipped})")
             return target, meta
     meta = prepare(source, target, d.image_size, d.classes, d.skip_bad_files, progress=progress)
     return target, meta

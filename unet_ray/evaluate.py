@@ -76,7 +76,14 @@ def evaluate_checkpoint(
     model, cfg, state = load_model(checkpoint)
     skipped: list[str] | None = [] if skip_bad_files else None
     batches = iter_split(data, split, cfg.data.classes, cfg.data.image_size, batch_size, skipped)
-    confusion = engine.evaluate(model, batches, cfg.num_classes, torch.device("cpu"))
+    rows = [0]
+
+    def counted(batches):
+        for batch in batches:
+            rows[0] += len(batch["image"])
+            yield batch
+
+    confusion = engine.evaluate(model, counted(batches), cfg.num_classes, torch.device("cpu"))
     pixels = int(confusion.mat.sum())
     if pixels == 0:
         raise DataError(f"{data}: the {split} split has no labelled pixels to evaluate")
@@ -92,5 +99,6 @@ def evaluate_checkpoint(
         "val_pixel_accuracy": scores["pixel_accuracy"],
         "val_iou_per_class": dict(zip(palette.class_names(cfg.data.classes), scores["iou_per_class"])),
         "val_pixels": pixels,
+        "pairs": rows[0],  # the pairs read and scored; bad files left out are in skipped_files
         "skipped_files": skipped or [],
     }

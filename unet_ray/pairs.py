@@ -57,6 +57,13 @@ def decode_pair(data: bytes, name: str) -> Pair:
     try:
         with Image.open(io.BytesIO(data)) as img:
             mode, size = img.mode, img.size
+            # The size before decoding: a damaged header may claim a huge image, whose decoding
+            # would allocate gigabytes before failing.
+            if size != (PAIR_WIDTH, PAIR_HEIGHT):
+                raise BadPairError(
+                    f"{name}: image is {size[0]}x{size[1]} (width x height); a pair is {PAIR_WIDTH}x{PAIR_HEIGHT}, "
+                    "photo on the left half, colour mask on the right"
+                )
             img.load()  # a truncated JPEG fails here, not at open
             if mode != "RGB":
                 kind = {"L": "grayscale", "LA": "grayscale", "RGBA": "RGBA", "P": "palette"}.get(mode, mode)
@@ -64,13 +71,8 @@ def decode_pair(data: bytes, name: str) -> Pair:
             arr = np.asarray(img)
     except BadPairError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise BadPairError(f"{name}: not a readable image ({e})") from None
-    if size != (PAIR_WIDTH, PAIR_HEIGHT):
-        raise BadPairError(
-            f"{name}: image is {size[0]}x{size[1]} (width x height); a pair is {PAIR_WIDTH}x{PAIR_HEIGHT}, "
-            "photo on the left half, colour mask on the right"
-        )
     half = PAIR_WIDTH // 2
     train_ids, near = palette.decode_color_mask(np.ascontiguousarray(arr[:, half:]))
     if near < MIN_PALETTE_FRACTION:

@@ -104,6 +104,14 @@ def read_prepared_split(prepared: str | os.PathLike, split: str, image_size: int
         table = pq.read_table(folder, columns=["image", "mask"])
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{folder}: cannot read the prepared Parquet files ({e}); prepare the data again") from None
+    # A lost or truncated part file would otherwise train or score on fewer rows, silently.
+    meta_file = Path(prepared) / META_FILE
+    expected = json.loads(meta_file.read_text()).get("counts", {}).get(split) if meta_file.is_file() else None
+    if expected is not None and table.num_rows != expected:
+        raise DataError(
+            f"{folder} holds {table.num_rows} rows but {meta_file} records {expected}: "
+            "part files are missing or damaged; prepare the data again"
+        )
     return prepared_arrays(table, image_size, folder)
 
 

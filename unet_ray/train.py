@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unet_ray.config import TrainConfig, storage_uri
+from unet_ray import jsonfile
+from unet_ray.config import ConfigError, TrainConfig, storage_uri
 
 # CPUs kept free for Ray Data tasks when workers' CPUs are worked out automatically.
 DATA_RESERVE_CPUS = 0.5
@@ -92,7 +93,7 @@ def plan_resources(cfg: TrainConfig, cluster_cpus: float, data_reserve: float = 
     else:
         cpus = (cluster_cpus - data_reserve) / r.workers
     if cpus * r.workers > cluster_cpus - 0.25 + 1e-9 and not r.gpu:
-        raise ValueError(
+        raise ConfigError(
             f"{r.workers} workers x {cpus:g} CPUs do not fit in {cluster_cpus:g} CPUs with room for data "
             "tasks; use fewer workers or a smaller --cpus-per-worker"
         )
@@ -146,7 +147,7 @@ def history_callback(run_dir: Path):
         def after_report(self, run_context, metrics, checkpoint):
             row = {**metrics[0], "checkpoint": checkpoint.path if checkpoint else None, "time": time.time()}
             with open(run_dir / HISTORY_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(jsonfile.dumps(row) + "\n")
 
     return WriteHistory()
 
@@ -218,7 +219,7 @@ def fit(cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=
         f"data: {meta['counts']['train']} train / {meta['counts']['val']} val pairs at {meta['image_size']}px, "
         f"label set {meta['classes']}"
     )
-    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment)
+    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers)
     trainer = build_trainer(cfg, datasets, run_name, storage, [history_callback(run_dir), *callbacks])
     try:
         result = trainer.fit()
@@ -241,9 +242,7 @@ def summarize(result, run_dir: Path) -> dict[str, Any]:
         "last_metrics": dict(result.metrics or {}),
         "run_path": result.path,
     }
-    tmp = run_dir / f".{BEST_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, run_dir / BEST_FILE)
+    jsonfile.write_atomic(run_dir / BEST_FILE, summary)
     return summary
 
 

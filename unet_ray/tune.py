@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unet_ray import jsonfile
 from unet_ray.config import ConfigError, TrainConfig, coerce, load_yaml, merge, storage_uri
 
 # Search keys of the YAML `search:` section and the config field each one sets.
@@ -70,6 +71,13 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     if "run.name" not in overrides and "name" not in (raw.get("run") or {}):
         base.run.name = Path(path).stem
     base.validate()
+    if "://" in storage_uri(base.run.storage_path):
+        # Trials run on any node and read the prepared data and write their Train runs under the
+        # experiment folder, so it must be a file system that every node mounts at the same path.
+        raise ConfigError(
+            f"run.storage_path={base.run.storage_path}: a sweep needs a file system path shared by all nodes "
+            "(NFS, EFS, a mounted bucket), not an object-store URI; see cluster/README.md"
+        )
     if not isinstance(tune_raw, dict):
         raise ConfigError(f"{origin}: tune: must be a mapping")
     tune_section = TuneSection()
@@ -275,7 +283,7 @@ def _searcher(sweep: SweepConfig, max_concurrent: int):
 
 def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]:
     """Table of trials by best val_iou; best.json with the best trial's config, IoU and checkpoint."""
-    from unet_ray.train import read_history
+    from unet_ray.train import TrainingFailed, read_history
 
     rows = []
     for result in results:
@@ -302,7 +310,7 @@ def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]
         progress(f"{r['trial_id']:<12} {iou:>12} {r['epochs']:>6}  {json.dumps(r['config'])}")
     scored = [r for r in rows if r["best_val_iou"] is not None and r["checkpoint"]]
     if not scored:
-        raise ConfigError(f"no trial of {experiment} reported a val_iou with a checkpoint; see the trial errors above")
+        raise TrainingFailed(f"no trial of {experiment} reported a val_iou with a checkpoint; see the trial errors above")
     best = scored[0]
     summary = {
         "trial_id": best["trial_id"],
@@ -312,9 +320,7 @@ def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]
         "prepared": str(experiment / "prepared"),
         "trials": rows,
     }
-    tmp = experiment / f".{BEST_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, experiment / BEST_FILE)
+    jsonfile.write_atomic(experiment / BEST_FILE, summary)
     progress(f"best trial {best['trial_id']}: val_iou {best['best_val_iou']:.4f}, config {best['config']}")
     progress(f"best checkpoint: {best['checkpoint']}  (summary: {experiment / BEST_FILE})")
     return summary

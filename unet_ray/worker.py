@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from unet_ray import checkpoint as ckpt_io
-from unet_ray import engine, metrics
+from unet_ray import engine, jsonfile, metrics
 from unet_ray.config import TrainConfig
 from unet_ray.model import build_model
 
@@ -79,6 +79,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             mixed_precision=on_gpu,
             channels_last=on_gpu,
         )
+        # Every rank validates with rank 0's BatchNorm statistics, the ones the checkpoint holds:
+        # DDP copies them only at the start of a training forward, and each rank's last batch has
+        # moved its own copy since. Without this, N-worker IoU would not equal `evaluate`'s.
+        _broadcast_buffers_from_rank_0(plain)
         # Evaluate the unwrapped module: val shards may differ in batch count between workers, and
         # a DDP forward could wait on a collective that the other rank never joins.
         confusion = engine.evaluate(
@@ -97,7 +101,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             **metrics.headline(scores, cfg.num_classes),
             "val_miou": scores["miou"],
             "val_pixel_accuracy": scores["pixel_accuracy"],
-            "val_iou_per_class": scores["iou_per_class"],
+            "val_iou_per_class": jsonfile.json_ready(scores["iou_per_class"]),  # None: class absent
             "val_pixels": int(confusion.mat.sum()),
             "train_loss": loss,
             "images_per_s": images / seconds if seconds > 0 else 0.0,
@@ -168,6 +172,14 @@ def start_in_background(batches: Iterable[Any]) -> Iterator[Any]:
             yield from source
 
     return replay()
+
+
+def _broadcast_buffers_from_rank_0(module: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _all_reduce_train_stats(stats: dict[str, float], device: torch.device) -> tuple[float, float, float]:

@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import html
-import json
-import math
 import re
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from unet_ray import jsonfile
 
 STATIC = Path(__file__).parent / "static"
 PLOTLY_ROUTE = "static/plotly.min.js"
@@ -23,19 +23,8 @@ REFRESH_SECONDS = 3.0
 _PLACEHOLDER = re.compile(r"\{\{([A-Z]+)\}\}")
 
 
-def finite(value: Any) -> Any:
-    """value with NaN and infinities as None: JSON.parse refuses them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def to_json(value: Any) -> str:
-    return json.dumps(finite(value), allow_nan=False, separators=(",", ":"))
+    return jsonfile.dumps(value, separators=(",", ":"))
 
 
 def script_json(value: Any) -> str:
