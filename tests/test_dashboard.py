@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from unet_ray.dashboard.results import (
-    ERRORED, FINISHED, INTERRUPTED, PENDING, RUNNING, STOPPED, DashboardError, read_experiment, relocate,
+    ERRORED, FINISHED, INTERRUPTED, PENDING, RUNNING, STOPPED, DashboardError, read_experiment, read_jsonl, relocate,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,21 @@ def experiment(tmp_path):
     return make_experiment(tmp_path)
 
 
+def set_tune_status(experiment: Path, trial_id: str, status: str) -> None:
+    """Record `status` for the trial in every Tune state file of the folder, as Tune writes it."""
+    for file in experiment.glob("experiment_state-*.json"):
+        state = json.loads(file.read_text())
+        for pair in state["trial_data"]:
+            trial = json.loads(pair[0])
+            if trial["trial_id"] == trial_id:
+                pair[0] = json.dumps({**trial, "status": status})
+        file.write_text(json.dumps(state))
+
+
+def trial_folder(experiment: Path, trial_id: str) -> Path:
+    return next(p for p in experiment.iterdir() if p.is_dir() and trial_id in p.name and (p / "params.json").is_file())
+
+
 def test_statuses_epochs_and_best_from_tune_files_and_histories(experiment):
     snap = read_experiment(experiment)
     trials = {t.trial_id: t for t in snap.trials}
@@ -116,6 +131,29 @@ def test_statuses_epochs_and_best_from_tune_files_and_histories(experiment):
     # no best.json yet: the best so far, its checkpoint mapped from the old machine into this folder
     assert snap.best["trial_id"] == "aaaaa_00000" and snap.best["epoch"] == 3
     assert snap.best["checkpoint_path"] == str(experiment / "runs" / "aaaaa_00000" / "checkpoint_3")
+
+
+def test_error_txt_of_a_resumed_trial_that_then_ended_is_not_an_error(experiment):
+    # Tune (resume_errored=True) resumed both after a failure; they ran to the end, or to ASHA's stop
+    for trial_id in ("aaaaa_00000", "aaaaa_00001", "aaaaa_00003"):
+        (trial_folder(experiment, trial_id) / "error.txt").write_text("Failure # 1\nRuntimeError: an old failure\n")
+    trials = {t.trial_id: t for t in read_experiment(experiment).trials}
+    assert [trials[t].status for t in ("aaaaa_00000", "aaaaa_00001", "aaaaa_00003")] == [FINISHED, STOPPED, RUNNING]
+    assert [t.trial_id for t in trials.values() if t.error] == ["aaaaa_00002"]  # Tune's ERROR only
+    # no Tune state to say otherwise: error.txt is all there is to go by
+    for file in experiment.glob("experiment_state-*.json"):
+        file.unlink()
+    trials = {t.trial_id: t for t in read_experiment(experiment).trials}
+    assert trials["aaaaa_00000"].status == ERRORED and "an old failure" in trials["aaaaa_00000"].error
+
+
+def test_terminated_without_done_is_judged_by_its_epochs(experiment):
+    for trial_id in ("aaaaa_00000", "aaaaa_00001"):
+        result_file = trial_folder(experiment, trial_id) / "result.json"
+        _jsonl(result_file, [{**row, "done": False} for row in read_jsonl(result_file, [])])
+    trials = {t.trial_id: t for t in read_experiment(experiment).trials}
+    assert trials["aaaaa_00000"].last_epoch == 3 and trials["aaaaa_00000"].status == FINISHED
+    assert trials["aaaaa_00001"].last_epoch == 1 and trials["aaaaa_00001"].status == STOPPED
 
 
 def test_history_missing_falls_back_to_result_json(experiment):
@@ -151,6 +189,47 @@ def test_relocate_prefers_the_copy_inside_the_experiment(tmp_path):
     assert relocate("/elsewhere/results/smoke/runs/t1/checkpoint_1", exp) == exp / "runs" / "t1" / "checkpoint_1"
     assert relocate("/elsewhere/results/smoke/runs/t9/checkpoint_1", exp) is None
     assert relocate(None, exp) is None
+
+
+def test_figures_show_the_trials_params_and_best(experiment):
+    from unet_ray.dashboard.figures import build_figures
+
+    snap = read_experiment(experiment)
+    figures = build_figures(snap)
+    scored = [t for t in snap.trials if t.best_val_iou is not None]
+    best_id = snap.best["trial_id"]
+
+    # val_iou against lr: log axis, one trace per depth (its trials' lr and best val_iou), the best ringed
+    scatter = figures["lr_scatter"]
+    assert scatter["layout"]["xaxis"]["type"] == "log"
+    by_depth = {f"depth={d}": [t for t in scored if t.params["depth"] == d] for d in {t.params["depth"] for t in scored}}
+    traces = {tr["name"]: tr for tr in scatter["data"]}
+    assert set(traces) == set(by_depth) | {f"best: {best_id}"}
+    for name, members in by_depth.items():
+        assert sorted(zip(traces[name]["x"], traces[name]["y"])) == sorted((t.params["lr"], t.best_val_iou) for t in members)
+
+    # parallel coordinates: one axis per searched key, then the best val_iou
+    (parcoords,) = figures["parallel"]["data"]
+    labels = [d["label"].removesuffix(" (log)") for d in parcoords["dimensions"]]
+    assert labels == [*snap.param_keys, "best val_iou"] and set(snap.param_keys) == {"lr", "depth"}
+    assert parcoords["dimensions"][-1]["values"] == [t.best_val_iou for t in scored]
+
+    # learning curves: one trace per trial that reported an epoch, the best drawn wider and on top
+    for chart, metric in (("curve_iou", "val_iou"), ("curve_loss", "train_loss")):
+        data = figures[chart]["data"]
+        with_points = {t.trial_id: t for t in snap.trials if any(p[metric] is not None for p in t.curve)}
+        assert sorted(tr["name"].removesuffix(" (best)") for tr in data) == sorted(with_points)
+        for tr in data:
+            trial = with_points[tr["name"].removesuffix(" (best)")]
+            assert tr["y"] == [p[metric] for p in trial.curve]
+        assert data[-1]["name"] == f"{best_id} (best)"
+        assert data[-1]["line"]["width"] > max(tr["line"]["width"] for tr in data[:-1])
+
+
+def test_cli_dashboard_binds_loopback_by_default():
+    from unet_ray.cli import build_parser
+
+    assert build_parser().parse_args(["dashboard", "--results", "x"]).host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "file", "parent"])
@@ -256,6 +335,24 @@ def test_server_refuses_paths_outside_the_experiment(served, experiment, tmp_pat
     assert raw_get(served, "/api/state", method="POST")[0] >= 400
 
 
+def test_experiment_folder_removed_while_serving_is_a_clear_error(served, experiment, monkeypatch, capsys):
+    assert raw_get(served, "/api/state")[0] == 200
+    shutil.rmtree(experiment)
+    for path in ("/api/state", "/api/predictions"):
+        status, body = raw_get(served, path)
+        assert status == 503 and json.loads(body)["error"] == f"results folder {experiment} does not exist", path
+    # a read that fails half way (a folder made unreadable): the same kind of answer
+    experiment.mkdir()
+
+    def unreadable(path, now=None):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("unet_ray.dashboard.server.read_experiment", unreadable)
+    status, body = raw_get(served, "/api/state")
+    assert status == 503 and json.loads(body)["error"] == f"cannot read the results folder {experiment} (Permission denied)"
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_port_in_use_is_a_clear_error(served, experiment):
     from unet_ray.dashboard.server import make_server
 
@@ -342,11 +439,15 @@ def test_dashboard_shows_the_sweep(browser, sweep, tmp_path_factory):
         for trial_id, row in rows.items():
             ious = [r["val_iou"] for r in history(sweep, trial_id)]
             assert float(row["best_val_iou"]) == pytest.approx(max(ious)), trial_id
+            assert float(row["last_val_iou"]) == pytest.approx(ious[-1]), trial_id
             assert int(row["epochs"]) == len(ious)
             expected = "finished" if len(ious) == SWEEP_EPOCHS else "stopped early"
             assert page.get_attribute(f'tr[data-trial-id="{trial_id}"]', "data-status") == expected
             assert {"lr", "depth"} <= {k.removeprefix("param:") for k in row}
-        # best first, highlighted, equal to best.json
+        # best first, highlighted, equal to best.json; every row in order of its best val_iou
+        order = page.eval_on_selector_all("#trials tbody tr", "trs => trs.map(tr => tr.dataset.trialId)")
+        ranked = [float(rows[t]["best_val_iou"]) for t in order]
+        assert len(order) == SWEEP_TRIALS and ranked == sorted(ranked, reverse=True)
         first = page.get_attribute("#trials tbody tr:first-child", "data-trial-id")
         assert first == best["trial_id"] and "best" in page.get_attribute("#trials tbody tr:first-child", "class")
         assert float(rows[first]["best_val_iou"]) == pytest.approx(best["val_iou"])
@@ -354,10 +455,13 @@ def test_dashboard_shows_the_sweep(browser, sweep, tmp_path_factory):
         images = page.eval_on_selector_all("#predictions img", "imgs => imgs.map(i => [i.src.slice(0, 22), i.naturalWidth])")
         assert len(images) == 12 and all(src == "data:image/png;base64," and width == 64 for src, width in images)
         assert best["trial_id"] in page.inner_text("#predictions-caption")
-        # sorting by a column, then back
+        # sorting by a column (numbers: largest first), a second click flips it
         page.click('th[data-key="param:lr"]')
         lrs = [float(v) for v in page.eval_on_selector_all('td[data-key="param:lr"]', "tds => tds.map(t => t.dataset.value)")]
         assert lrs == sorted(lrs, reverse=True)
+        page.click('th[data-key="param:lr"]')
+        lrs = [float(v) for v in page.eval_on_selector_all('td[data-key="param:lr"]', "tds => tds.map(t => t.dataset.value)")]
+        assert lrs == sorted(lrs)
         shot = tmp_path_factory.mktemp("screenshots") / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
         print(f"screenshot: {shot}")
@@ -391,10 +495,13 @@ def test_page_follows_a_running_sweep_without_reload(browser, sweep, tmp_path):
         )
         assert page.get_attribute("#trials tbody tr:first-child", "data-trial-id") == trial_id
         assert "0.9900" in page.inner_text("#best")
-        # a trial that fails: its status and its error text appear, still without a reload
+        # a trial that fails (Tune records ERROR and writes error.txt): its status and its error text
+        # appear, still without a reload
         other = next(t for t in rows if t != trial_id)
-        folder = next(p for p in copy.iterdir() if p.is_dir() and other in p.name and (p / "params.json").is_file())
-        (folder / "error.txt").write_text("Failure # 1\nTraceback (most recent call last):\nValueError: <script>x</script>\n")
+        (trial_folder(copy, other) / "error.txt").write_text(
+            "Failure # 1\nTraceback (most recent call last):\nValueError: <script>x</script>\n"
+        )
+        set_tune_status(copy, other, "ERROR")
         page.wait_for_selector(f'#errors pre[data-trial-id="{other}"]', timeout=WAIT_MS)
         assert "ValueError: <script>x</script>" in page.inner_text(f'#errors pre[data-trial-id="{other}"]')
         assert page.get_attribute(f'tr[data-trial-id="{other}"]', "data-status") == "errored"

@@ -335,12 +335,13 @@ def _trial_status(
     tune_status: str | None, errored: bool, done: bool, last_epoch: int | None, max_epochs: int | None,
     has_results: bool, live: bool,
 ) -> str:
-    if tune_status == "ERROR" or (errored and tune_status not in ("RUNNING", "PENDING", "PAUSED")):
+    # error.txt stays in the folder of a trial that Tune resumed (resume_errored) and that ran on or
+    # finished: it counts only when Tune has no status for the trial (state file missing or unreadable).
+    if tune_status == "ERROR" or (errored and tune_status is None):
         return ERRORED
-    if done:
+    if done or tune_status == "TERMINATED":
+        # TERMINATED with no report carrying `done` ended all the same: its epochs tell which way
         return STOPPED if max_epochs is not None and last_epoch is not None and last_epoch < max_epochs else FINISHED
-    if tune_status == "TERMINATED":
-        return FINISHED
     if tune_status == "PAUSED":
         return PAUSED if live else INTERRUPTED
     if tune_status == "RUNNING" or has_results:
@@ -418,15 +419,16 @@ def read_experiment(path: str | os.PathLike, now: float | None = None) -> Snapsh
     keys = _param_order(k for t in trials for k in t.params)
     settings = {k: v for k, v in _sweep_settings(sorted(trials, key=lambda t: t.trial_id)).items() if k not in keys}
     max_epochs = settings.get("epochs")
-    if max_epochs is None:  # no checkpoint to read it from: the furthest a trial has gone
-        max_epochs = max((t.last_epoch for t in trials if done_flags[t.trial_id] and t.last_epoch), default=None)
+    if max_epochs is None:  # no checkpoint to read it from: the furthest an ended trial has gone
+        completed = {t for t, done in done_flags.items() if done or tune_statuses[t] == "TERMINATED"}
+        max_epochs = max((t.last_epoch for t in trials if t.trial_id in completed and t.last_epoch), default=None)
     for trial in trials:
         trial.status = _trial_status(
             tune_statuses[trial.trial_id], trial.error is not None, done_flags[trial.trial_id], trial.last_epoch,
             max_epochs, bool(trial.curve), live,
         )
         if trial.status != ERRORED and trial.error is not None:
-            trial.error = None  # an earlier failure of a trial that was resumed and runs again
+            trial.error = None  # an earlier failure of a trial that was resumed and runs again or ended
     _rank(trials)
 
     if live:

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from unet_ray.dashboard.page import PLOTLY_ROUTE, REFRESH_SECONDS, page_state, plotly_js, render_page, to_json
 from unet_ray.dashboard.predictions import best_predictions
-from unet_ray.dashboard.results import DashboardError, check_experiment, fingerprint, read_experiment
+from unet_ray.dashboard.results import DashboardError, Snapshot, check_experiment, fingerprint, read_experiment
 
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".txt", ".log", ".yaml", ".yml"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -50,10 +50,18 @@ class Dashboard:
         self._lock = threading.Lock()
         self._cached: tuple[str, bytes] | None = None
 
+    def snapshot(self) -> Snapshot:
+        """The experiment read afresh; DashboardError when its folder went away or turned unreadable
+        while the server runs (the page shows the message and keeps polling)."""
+        try:
+            return read_experiment(self.experiment)
+        except OSError as e:  # removed or made unreadable in the middle of a read
+            raise DashboardError(f"cannot read the results folder {self.experiment} ({e.strerror or e})") from None
+
     def state_json(self) -> bytes:
         # Fingerprint first: a file that changes while it is read changes the next fingerprint.
         files_version = fingerprint(self.experiment)
-        snapshot = read_experiment(self.experiment)
+        snapshot = self.snapshot()
         statuses = "|".join(f"{t.trial_id}:{t.status}" for t in snapshot.trials)
         version = hashlib.sha1(f"{files_version}|{snapshot.sweep_status}|{statuses}".encode()).hexdigest()[:16]
         with self._lock:
@@ -65,7 +73,7 @@ class Dashboard:
         return body
 
     def predictions_json(self) -> bytes:
-        snapshot = read_experiment(self.experiment)
+        snapshot = self.snapshot()
         return to_json(best_predictions(snapshot.best, snapshot.prepared)).encode()
 
     def file_path(self, raw: str) -> tuple[HTTPStatus, Path | None]:
@@ -112,6 +120,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_error(HTTPStatus.NOT_FOUND, "no such page")
         except (BrokenPipeError, ConnectionResetError):
             return None  # the browser went away mid-answer
+        except DashboardError as e:  # the experiment folder is gone or unreadable: say so, no traceback
+            return self._send_error(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server; logged below
             traceback.print_exc(file=sys.stderr)
             return self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")

@@ -233,7 +233,11 @@
   async function fetchJson(url) {
     const response = await fetch(url, { cache: "no-store" });
     const body = await response.json();
-    if (!response.ok) throw new Error(body.error || response.status + " " + response.statusText);
+    if (!response.ok) {
+      const error = new Error(body.error || response.status + " " + response.statusText);
+      error.fromServer = true; // the server answered, with a reason (e.g. the experiment folder is gone)
+      throw error;
+    }
     return body;
   }
 
@@ -264,7 +268,9 @@
       renderUpdated();
       refreshPredictions(state); // not awaited: a first model load must not hold up the table
     } catch (error) {
-      showConnection("Cannot reach the dashboard server (" + error.message + "); retrying every " + config.refresh_s + " s.");
+      showConnection((error.fromServer ? "The dashboard server cannot show the sweep: " + error.message
+                                       : "Cannot reach the dashboard server (" + error.message + ")") +
+                     "; retrying every " + config.refresh_s + " s.");
     } finally {
       window.setTimeout(poll, config.refresh_s * 1000);
     }
