@@ -6,17 +6,19 @@ The checkpoint is trained for a few seconds without Ray, enough for a road IoU w
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from unet_ray import checkpoint as ckpt_io
-from unet_ray import engine, evaluate, pairs, predict
+from unet_ray import engine, evaluate, pairs, palette, predict, train
 from unet_ray.cli import main
 from unet_ray.config import TrainConfig
 from unet_ray.metrics import ConfusionMatrix
@@ -48,6 +50,34 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def city_checkpoint(tmp_path_factory):
+    """A 64px cityscapes19 checkpoint, untrained but with a head scaled up so that its predictions
+    on a random photo hold many classes (a fresh head predicts one class everywhere)."""
+    cfg = TrainConfig.from_dict(
+        {"data": {"image_size": 64, "classes": "cityscapes19"}, "model": {"depth": 2, "base_channels": 4}}
+    ).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.num_classes)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1)
+        model.head.bias.zero_()
+    folder = tmp_path_factory.mktemp("predict_city") / "ckpt"
+    ckpt_io.save_state(folder, {"model": model.state_dict(), "epoch": 1, "config": cfg.to_dict(), "metrics": {}})
+    return folder
+
+
+def _bomb_jpeg() -> bytes:
+    """A small valid JPEG whose frame header claims 65000x65000 pixels: PIL refuses it at open
+    with DecompressionBombError (more than 2 x Image.MAX_IMAGE_PIXELS)."""
+    data = bytearray(encode(_photo(8, 8)))
+    i = 2  # after SOI: walk the marker segments to the frame header (SOF0..SOF2)
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 5:i + 9] = (65000).to_bytes(2, "big") * 2  # height, width
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
 def ray_session():
     import ray
 
@@ -74,15 +104,24 @@ def test_list_inputs_names_never_collide(tmp_path, make_pairs_folder):
     (photos / "out").mkdir()
     (photos / "out" / "old_mask.png").write_bytes(b"x")  # an earlier run's output inside the input
 
-    names = [i["name"] for i in predict.list_inputs([str(root)])]
-    assert names == ["train_1", "train_2", "val_1", "val_2"]
-    items = predict.list_inputs([str(photos)], out=photos / "out")
+    items, collisions = predict.list_inputs([str(root)])
+    assert [i["name"] for i in items] == ["train_1", "train_2", "val_1", "val_2"] and collisions == {}
+    items, collisions = predict.list_inputs([str(photos)], out=photos / "out")
     assert [i["name"] for i in items] == ["a", "a-2", "sub_b"]
     assert all(i["kind"] == "auto" and i["split"] == "" for i in items)
+    # both names of a collision are traced back to their files (summary.json's name_collisions)
+    assert collisions == {"a": str(photos / "a.jpg"), "a-2": str(photos / "a.png")}
+
+    # a file really named like a de-duplicated one, given after it: every name maps to its own file
+    (photos / "a-2.jpg").write_bytes(b"x")
+    items, collisions = predict.list_inputs([str(photos / n) for n in ("a.jpg", "a.png", "a-2.jpg")])
+    assert [i["name"] for i in items] == ["a", "a-2", "a-2-2"]
+    assert collisions == {n: i["path"] for n, i in zip(("a", "a-2", "a-2-2"), items)}
+    assert collisions["a-2"] == str(photos / "a.png")
 
     # two folders given: each one's name keeps val/1.jpg and train/1.jpg apart
-    both = predict.list_inputs([str(root / "val"), str(root / "train")])
-    assert [i["name"] for i in both] == ["val_1", "val_2", "train_1", "train_2"]
+    both, collisions = predict.list_inputs([str(root / "val"), str(root / "train")])
+    assert [i["name"] for i in both] == ["val_1", "val_2", "train_1", "train_2"] and collisions == {}
     with pytest.raises(DataError, match="does not exist"):
         predict.list_inputs([str(tmp_path / "nothing")])
     (tmp_path / "empty").mkdir()
@@ -112,11 +151,13 @@ def test_read_input_tells_pairs_from_photos(tmp_path, pairs_folder):
         ("empty.jpg", b"", "empty file"),
         ("text.jpg", b"not an image", "not a readable image"),
         ("cut.jpg", encode(_photo(64, 64))[:300], "not a readable image"),
+        ("huge.jpg", _bomb_jpeg(), "not a readable image .*decompression bomb"),
     ):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(predict.BadInputError, match=reason) as info:
-            predict.read_input(str(tmp_path / name))
-        assert str(info.value).startswith(str(tmp_path / name))
+        for kind in ("auto", "photo", "pair"):
+            with pytest.raises(predict.BadInputError, match=reason) as info:
+                predict.read_input(str(tmp_path / name), kind)
+            assert str(info.value).startswith(str(tmp_path / name))
 
 
 def test_confusion_counts_match_confusion_matrix():
@@ -168,12 +209,51 @@ def test_predictor_masks_have_each_photos_size(trained, tmp_path):
         assert np.asarray(Image.open(tmp_path / f"{p.stem}_color.png")).shape == (*size, 3)
 
 
-def test_cli_input_errors_stop_before_ray(trained, tmp_path, capsys):
+def test_predictor_masks_are_the_model_prediction_resized_nearest_exact(city_checkpoint, tmp_path):
+    """19 classes, a 300x517 photo: the mask written is the 64x64 prediction enlarged with
+    cv2.INTER_NEAREST_EXACT (pixel centres), and the colour PNG is the palette of that mask."""
+    photo = _photo(300, 517)
+    (tmp_path / "odd.png").write_bytes(encode(photo, "PNG"))  # lossless: the actor reads these pixels
+    model, _, _ = ckpt_io.load_model(city_checkpoint)
+    small = cv2.resize(photo, (64, 64), interpolation=cv2.INTER_AREA)
+    with torch.no_grad():
+        logits = model(engine.to_model_input(torch.from_numpy(small[None]), torch.device("cpu")))
+    expected_small = logits.argmax(dim=1)[0].numpy().astype(np.uint8)
+    assert len(np.unique(expected_small)) >= 5  # enough classes that a wrong resize shows
+    expected = cv2.resize(expected_small, (517, 300), interpolation=cv2.INTER_NEAREST_EXACT)
+    # plain INTER_NEAREST would shift the mask: this test tells the two apart
+    assert not np.array_equal(expected, cv2.resize(expected_small, (517, 300), interpolation=cv2.INTER_NEAREST))
+
+    worker = predict.Predictor(str(city_checkpoint / "state.pt"), str(tmp_path / "out"), False, False, "cpu", 1)
+    (tmp_path / "out").mkdir()
+    rows = worker({
+        "path": np.array([str(tmp_path / "odd.png")], dtype=object),
+        "name": np.array(["odd"], dtype=object),
+        "kind": np.array(["auto"], dtype=object),
+        "split": np.array([""], dtype=object),
+    })
+    assert rows["status"].tolist() == ["ok"]
+    mask = np.asarray(Image.open(tmp_path / "out" / "odd_mask.png"))
+    np.testing.assert_array_equal(mask, expected)
+    color = np.asarray(Image.open(tmp_path / "out" / "odd_color.png"))
+    np.testing.assert_array_equal(color, palette.colorize(mask, "cityscapes19"))
+
+
+def test_cli_input_errors_stop_before_ray(trained, tmp_path, capsys, monkeypatch):
     checkpoint, _ = trained
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run that should have stopped before it")
+
+    monkeypatch.setattr(train, "ensure_ray", no_ray)  # predict imports it from unet_ray.train when run
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "input" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(tmp_path / "none"), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for flag, value in (("--workers", "0"), ("--workers", "-1"), ("--batch-size", "0")):
+        argv = ["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path), "--out", str(tmp_path / "o"), flag, value]
+        assert main(argv) == 2
+        assert f"unet-ray predict: error: {flag} {value}: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -221,15 +301,21 @@ def test_pairs_folder_through_cli_scores_each_split(ray_session, trained, tmp_pa
 
 @pytest.mark.ray
 def test_odd_sizes_and_unreadable_files(ray_session, trained, tmp_path, capsys):
+    """Odd sizes give masks of their own size; unreadable files (a decompression bomb too) are
+    skipped and counted; progress and the actor count are printed; colliding names are traced
+    back in summary.json; a folder of nothing but unreadable files fails (exit 2)."""
     checkpoint, _ = trained
     photos = tmp_path / "photos"
     photos.mkdir()
-    sizes = {"odd.jpg": (300, 517), "tall.png": (517, 300), "tiny.jpg": (5, 3)}
-    for name, (h, w) in sizes.items():
-        (photos / name).write_bytes(encode(_photo(h, w), "PNG" if name.endswith("png") else "JPEG"))
+    # output name -> (file, photo size); odd.png collides with odd.jpg and becomes odd-2
+    good = {"odd": ("odd.jpg", (300, 517)), "odd-2": ("odd.png", (31, 45)), "tall": ("tall.png", (517, 300)),
+            "tiny": ("tiny.jpg", (5, 3))}
+    for file, (h, w) in good.values():
+        (photos / file).write_bytes(encode(_photo(h, w), "PNG" if file.endswith("png") else "JPEG"))
     (photos / "rgba.png").write_bytes(encode(np.dstack([_photo(40, 60), np.full((40, 60), 128, np.uint8)]), "PNG"))
-    sizes["rgba.png"] = (40, 60)
-    bad = {"zero.jpg": b"", "text.jpg": b"this is no image", "cut.jpg": encode(_photo(300, 517))[:2000]}
+    good["rgba"] = ("rgba.png", (40, 60))
+    bad = {"zero.jpg": b"", "text.jpg": b"this is no image", "cut.jpg": encode(_photo(300, 517))[:2000],
+           "huge.jpg": _bomb_jpeg()}
     for name, data in bad.items():
         (photos / name).write_bytes(data)
     out = tmp_path / "out"
@@ -238,21 +324,42 @@ def test_odd_sizes_and_unreadable_files(ray_session, trained, tmp_path, capsys):
                "--overlay", "--workers", "1", "--batch-size", "4"])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "skipped 3 of 7 files" in printed
+    lines = printed.splitlines()
+    assert any(line.startswith(f"predict: 9 files -> {out} (model 64px, road, epoch 5 of ") for line in lines)
+    assert any(re.fullmatch(r"predict: 1 model actors \(num_cpus=[\d.]+ each\)", line) for line in lines)
+    progress = [int(m[1]) for m in (re.fullmatch(r"predict: (\d+)/9 files \([\d.]+/s, ~\d+s left\)", line) for line in lines) if m]
+    assert progress and progress == sorted(progress) and progress[-1] == 9, printed
+    assert "skipped 4 of 9 files" in printed
     for name in bad:
         assert f"skipped {photos / name}: " in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["inputs"], summary["read"], summary["written"], summary["skipped"], summary["pairs"]) == (7, 4, 4, 3, 0)
+    assert (summary["inputs"], summary["read"], summary["written"], summary["skipped"], summary["pairs"]) == (9, 5, 5, 4, 0)
     assert "iou" not in summary
+    assert summary["name_collisions"] == {"odd": str(photos / "odd.jpg"), "odd-2": str(photos / "odd.png")}
     listed = (out / "skipped.txt").read_text().splitlines()
     assert sorted(line.split(": ", 1)[0] for line in listed) == sorted(str(photos / n) for n in bad)
     assert any("empty file" in line for line in listed)
-    for name, size in sizes.items():
-        stem = name.rsplit(".", 1)[0]
+    assert any(line.startswith(f"{photos / 'huge.jpg'}: not a readable image") for line in listed)
+    for stem, (_, size) in good.items():
         mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
         assert mask.shape == size and set(np.unique(mask)) <= {0, 1}
         assert np.asarray(Image.open(out / f"{stem}_color.png")).shape == (*size, 3)
         assert np.asarray(Image.open(out / f"{stem}_overlay.png")).shape == (*size, 3)
+
+    # nothing readable at all: the run fails with the reason, after writing summary and skipped.txt
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    for name, data in bad.items():
+        (only_bad / name).write_bytes(data)
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--input", str(only_bad), "--out", str(tmp_path / "out_bad"),
+               "--batch-size", "2"])  # default --workers 2: two blocks, two actors
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert re.search(r"^predict: 2 model actors \(num_cpus=[\d.]+ each\)$", captured.out, re.M)
+    assert "unet-ray predict: error: none of the 4 files could be predicted; every one was skipped" in captured.err
+    summary = json.loads((tmp_path / "out_bad" / "summary.json").read_text())
+    assert (summary["written"], summary["skipped"]) == (0, 4) and "name_collisions" not in summary
+    assert len((tmp_path / "out_bad" / "skipped.txt").read_text().splitlines()) == 4
 
 
 # A driver that kept every result (mask + colour image per photo) would grow by this much per photo.

@@ -17,7 +17,6 @@ so the IoU printed here equals evaluate's on the same files.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_ray import palette
+from unet_ray import jsonfile, palette
 from unet_ray.pairs import PAIR_HEIGHT, PAIR_WIDTH, SPLITS, BadPairError, decode_pair, is_pairs_folder, list_pairs
 from unet_ray.prepare import DataError
 
@@ -58,8 +57,11 @@ class PredictionFailed(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def list_inputs(inputs: list[str], kind: str = "auto", out: str | os.PathLike | None = None) -> list[dict[str, str]]:
-    """One item {path, name, kind, split} per input file, with output names that never collide.
+def list_inputs(
+    inputs: list[str], kind: str = "auto", out: str | os.PathLike | None = None
+) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """(one item {path, name, kind, split} per input file, with output names that never collide;
+    {output name: input path} of the inputs whose names had to be told apart).
 
     - a pairs folder (with train/ and/or val/): all its pair files, read as pairs and named
       `<split>_<stem>`, so train/1.jpg and val/1.jpg give train_1_* and val_1_*;
@@ -67,7 +69,8 @@ def list_inputs(inputs: list[str], kind: str = "auto", out: str | os.PathLike | 
       (prefixed with the folder's name when several inputs are given);
     - a file: itself, named by its stem.
     Files under `out` are left out, so predicting into the input folder does not re-read masks.
-    A name that is still taken gets -2, -3, ... appended.
+    A name that is still taken gets -2, -3, ... appended; the second value then names the input of
+    each of the names involved (the one that kept the name, too), so outputs can be traced back.
     """
     if kind not in INPUT_KINDS:
         raise DataError(f"input kind {kind!r}: choose one of {', '.join(INPUT_KINDS)}")
@@ -75,14 +78,17 @@ def list_inputs(inputs: list[str], kind: str = "auto", out: str | os.PathLike | 
         raise DataError("no inputs given")
     out_dir = Path(out).expanduser().resolve() if out is not None else None
     items: list[dict[str, str]] = []
-    taken: set[str] = set()
+    taken: dict[str, str] = {}  # output name -> input path
+    collisions: dict[str, str] = {}
 
     def add(path: Path, name: str, item_kind: str, split: str = "") -> None:
         unique, n = name, 1
         while unique in taken:
             n += 1
             unique = f"{name}-{n}"
-        taken.add(unique)
+        taken[unique] = str(path)
+        if unique != name:
+            collisions[name], collisions[unique] = taken[name], str(path)
         items.append({"path": str(path), "name": unique, "kind": item_kind, "split": split})
 
     for given in inputs:
@@ -112,7 +118,7 @@ def list_inputs(inputs: list[str], kind: str = "auto", out: str | os.PathLike | 
                 add(file, "_".join(prefix + file.relative_to(path).with_suffix("").parts), kind)
     if not items:
         raise DataError(f"no image files ({', '.join(PHOTO_SUFFIXES)}) in {', '.join(inputs)}")
-    return items
+    return items, collisions
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
@@ -154,7 +160,9 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    # DecompressionBombError: a header claiming more than 2 x Image.MAX_IMAGE_PIXELS pixels (a
+    # hostile or broken file); not an OSError, so it would otherwise stop the actor and the run.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None  # decode_photo reports why
 
 
@@ -391,17 +399,21 @@ def predict(
     skip_existing: bool = False,
     progress=print,
 ) -> dict[str, Any]:
-    """Predict every input file into `out`; returns (and writes to out/summary.json) the summary."""
+    """Predict every input file into `out`; returns (and writes to out/summary.json) the summary.
+    Raises DataError when every input was skipped (the summary and skipped.txt are written first)."""
     from unet_ray.checkpoint import load_model, resolve
     from unet_ray.train import ensure_ray
 
+    # Checked before anything starts: an impossible count should not wait for the model or Ray.
+    if workers < 1:
+        raise DataError(f"--workers {workers}: must be >= 1")
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be >= 1")
     # Load once here so a bad checkpoint stops the run with a clear message before Ray starts.
     _, cfg, state = load_model(checkpoint)
     state_file = str(resolve(checkpoint).resolve())
     out = Path(out).expanduser().resolve()
-    items = list_inputs(inputs, kind, out)
+    items, name_collisions = list_inputs(inputs, kind, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / SKIPPED_FILE).write_text("")  # also proves the folder is writable, before Ray starts
@@ -479,13 +491,18 @@ def predict(
         "written": tally.counts["ok"],
         "skipped": skipped,
         **({"existing": tally.counts["exists"]} if skip_existing else {}),
+        # outputs named <name>-2, -3, ...: which input each of the colliding names came from
+        **({"name_collisions": name_collisions} if name_collisions else {}),
         "pairs": tally.pairs,
         **tally.scores(),
         "skipped_list": str(out / SKIPPED_FILE),
         "seconds": round(seconds, 2),
         "files_per_s": round(tally.done() / max(seconds, 1e-9), 2),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY_FILE).write_text(jsonfile.dumps(summary, indent=2))
+    if skipped == total:
+        # Nothing came out: a job must end FAILED, not look like a finished run.
+        raise DataError(f"none of the {total} files could be predicted; every one was skipped (reasons in {out / SKIPPED_FILE})")
     return summary
 
 
