@@ -17,11 +17,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs tomli on 3.10
+    import tomli as tomllib
 
 from unet_ray import cluster
 from unet_ray.checkpoint import resolve
@@ -137,6 +141,59 @@ def test_train_job_joins_cluster_and_writes_under_storage_path(one_node, job1):
     assert best["metrics"]["val_iou"] == max(row["val_iou"] for row in history(run_dir))
 
 
+LOOPBACK_HEX = {  # as /proc/net/tcp{,6} write them
+    "0100007F": "127.0.0.1",
+    "0000000000000000FFFF00000100007F": "127.0.0.1",  # ::ffff:127.0.0.1, IPv4 on an IPv6 socket
+    "00000000000000000000000001000000": "::1",
+}
+
+
+def listening_addresses(pids: list[int]) -> dict[str, int]:
+    """Every TCP address that one of `pids` listens on (Linux /proc): address:port -> pid."""
+    listening = {}  # socket inode -> "address:port"
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                address, port = fields[1].split(":")
+                assert len(address) == width
+                readable = LOOPBACK_HEX.get(address, address)
+                listening[fields[9]] = f"{readable}:{int(port, 16)}"
+    found = {}
+    for pid in pids:
+        try:
+            links = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # gone meanwhile
+            continue
+        for link in links:
+            inode = link[len("socket:[") : -1] if link.startswith("socket:[") else None
+            if inode in listening:
+                found[listening[inode]] = pid
+    return found
+
+
+@pytest.mark.ray
+def test_cluster_listens_on_loopback_only(one_node, job1):
+    """After a job ran (workers, dashboard agents, job supervisor all started), every port that a
+    process of the cluster listens on is bound to 127.0.0.1."""
+    found = listening_addresses(cluster._marked_pids(str(Path(one_node.temp_dir).resolve())))
+    assert f"127.0.0.1:{one_node.port}" in found and f"127.0.0.1:{one_node.dashboard_port}" in found
+    assert all(address.startswith(("127.0.0.1:", "::1:")) for address in found), found
+
+
+@pytest.mark.ray
+def test_tune_job_succeeds_and_writes_under_storage_path(one_node, tmp_path):
+    from ray.job_submission import JobStatus
+
+    entrypoint = ["unet-ray", "tune", "--config", "tune_configs/smoke.yaml", "--storage-path", str(tmp_path), "--name", "sweep"]
+    result = submit(one_node, entrypoint, "sweep1")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert jobs_client(one_node).get_job_status("sweep1") == JobStatus.SUCCEEDED
+    best = json.loads((tmp_path / "sweep" / "best.json").read_text())
+    assert len(best["trials"]) == 4 and best["val_iou"] == max(t["best_val_iou"] or -1 for t in best["trials"])
+    assert Path(best["checkpoint"]).is_relative_to(tmp_path) and resolve(tmp_path / "sweep").is_file()
+
+
 @pytest.mark.ray
 def test_failing_job_is_failed_with_our_message(one_node, tmp_path):
     from ray.job_submission import JobStatus
@@ -230,6 +287,13 @@ def assert_matches_project(image: str) -> None:
     assert (m.group(2), m.group(3)) == ("3", "11"), image
 
 
+def assert_sweep_fills(gpus: int) -> None:
+    from unet_ray.tune import load_sweep
+
+    sweep = load_sweep(REPO / "tune_configs" / "lr_depth.yaml")
+    assert sweep.base.run.gpu and sweep.tune.max_concurrent_trials == gpus // sweep.base.run.workers
+
+
 def test_cloud_launcher_config_passes_validation():
     from packaging.specifiers import SpecifierSet
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -242,11 +306,17 @@ def test_cloud_launcher_config_passes_validation():
     assert torch and torch.group(1) in SpecifierSet(project_pins()["torch"])
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["max_workers"] > workers["min_workers"] == 0  # autoscaling GPU group
+    # the project is installed on every node, from the checkout synced to every node
+    assert raw["file_mounts"]["~/unet_ray"] == "." and "pip install -e ~/unet_ray" in config["setup_commands"]
+    # the sweep asks for enough trials at once to grow the cluster to its full size (g5.12xlarge: 4 GPUs)
+    assert workers["node_config"]["InstanceType"] == "g5.12xlarge"
+    assert_sweep_fills(gpus=workers["max_workers"] * 4)
     start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert start.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in start
 
 
 def test_kubernetes_manifest_matches_project_and_readme():
+    from packaging.specifiers import SpecifierSet
     from ray.runtime_env import RuntimeEnv
 
     docs = [d for d in yaml.safe_load_all((CLUSTER_DIR / "kuberay-rayjob.yaml").read_text()) if d]
@@ -265,7 +335,17 @@ def test_kubernetes_manifest_matches_project_and_readme():
         assert claims[mounts["/mnt/shared"]] == claim["metadata"]["name"]  # same claim, same path
     gpus = [pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for pod in pods[1:]]
     assert all(gpus), gpus
-    RuntimeEnv(**yaml.safe_load(job["spec"]["runtimeEnvYAML"]))  # Ray's own checks of the fields
+    assert_sweep_fills(gpus=sum(int(n) * g["maxReplicas"] for n, g in zip(gpus, spec["workerGroupSpecs"])))
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    RuntimeEnv(**runtime_env)  # Ray's own checks of the fields
+    # installs the project and a torch of the range pyproject.toml asks for
+    packages = runtime_env["pip"]["packages"]
+    torch = next(p for p in packages if p.startswith("torch=="))
+    assert torch.split("==")[1].split("+")[0] in SpecifierSet(project_pins()["torch"]), torch
+    assert any(p.startswith("unet_ray @ ") for p in packages), packages
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"]
+    assert_matches_project(submitter)
+    assert f"rayproject/ray:{spec['rayVersion']}-py311-gpu" in (CLUSTER_DIR / "README.md").read_text()
     entrypoint = job["spec"]["entrypoint"]
     assert entrypoint.startswith("unet-ray tune --config tune_configs/lr_depth.yaml")
     assert "--storage-path /mnt/shared/" in entrypoint
