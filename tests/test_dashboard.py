@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import kill_session
 
 from unet_ray.dashboard.results import (
     ERRORED, FINISHED, INTERRUPTED, PENDING, RUNNING, STOPPED, DashboardError, read_experiment, read_jsonl, relocate,
@@ -366,12 +367,14 @@ def test_port_in_use_is_a_clear_error(served, experiment):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """`unet-ray tune` on a copy of smoke.yaml cut to 3 epochs; the experiment folder.
+def started_sweep(tmp_path_factory):
+    """`unet-ray tune` on a copy of smoke.yaml cut to 3 epochs, started in the background:
+    (process, experiment folder, log file). The first browser test watches it run.
 
     UNET_RAY_TEST_SWEEP=<experiment folder of such a sweep> reuses one (to iterate on the page)."""
     if os.environ.get("UNET_RAY_TEST_SWEEP"):
-        return Path(os.environ["UNET_RAY_TEST_SWEEP"])
+        yield None, Path(os.environ["UNET_RAY_TEST_SWEEP"]), None
+        return
     tmp = tmp_path_factory.mktemp("sweep")
     values = yaml.safe_load(SMOKE.read_text())
     values["optim"]["epochs"] = SWEEP_EPOCHS
@@ -379,9 +382,24 @@ def sweep(tmp_path_factory):
     config.write_text(yaml.safe_dump(values))
     cmd = [sys.executable, "-m", "unet_ray.cli", "tune", "--config", str(config), "--storage-path", str(tmp / "results"),
            "--num-samples", str(SWEEP_TRIALS)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return tmp / "results" / "dash"
+    log = tmp / "tune.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        yield proc, tmp / "results" / "dash", log
+    finally:
+        kill_session(proc.pid)  # only left if a test failed while the sweep ran
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def sweep(started_sweep):
+    """The experiment folder of the finished sweep."""
+    proc, experiment, log = started_sweep
+    if proc is not None:
+        assert proc.wait(timeout=540) == 0, log.read_text()[-6000:]
+    return experiment
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +441,37 @@ def wait_until_drawn(page) -> None:
     for chart in CHARTS:
         page.wait_for_selector(f"#chart-{chart} .main-svg", timeout=WAIT_MS)
     page.wait_for_selector("#trials tbody tr", timeout=WAIT_MS)
+
+
+EPOCHS_SHOWN = "() => [...document.querySelectorAll('#trials td[data-key=epochs]')].reduce((n, td) => n + Number(td.dataset.value || 0), 0)"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_page_follows_the_sweep_while_it_runs(browser, started_sweep):
+    """Opened while the real sweep runs, the page shows its new epochs as they come, with the
+    sweep marked running, in the same document (no reload)."""
+    proc, experiment, log = started_sweep
+    if proc is None:
+        pytest.skip("UNET_RAY_TEST_SWEEP names a finished sweep")
+    deadline = time.monotonic() + 300
+    while not any(experiment.glob("experiment_state-*.json")):  # what makes it a Tune experiment
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "the sweep never wrote its state"
+        time.sleep(0.2)
+    with running_server(experiment) as server:
+        page, problems = open_page(browser, server.url)
+        page.wait_for_selector("#trials tbody tr", timeout=120_000)
+        page.evaluate("window.__sameDocument = true")
+        shown = page.evaluate(EPOCHS_SHOWN)
+        page.wait_for_function(
+            f"""() => ({EPOCHS_SHOWN})() > {shown}
+                      && document.getElementById('sweep-status').textContent === 'sweep running'""",
+            timeout=120_000,
+        )
+        # 'sweep running': the page saw new epochs before best.json (written at the sweep's end)
+        assert page.evaluate(EPOCHS_SHOWN) > shown and page.evaluate("window.__sameDocument === true")
+        assert not problems, problems
 
 
 @pytest.mark.ray
