@@ -71,6 +71,46 @@ def test_truncated_file_refused(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_damaged_bytes_anywhere_are_refused(tmp_path):
+    """5 flipped bytes at 40 places across the file: never a silent load (before the CRC check,
+    damaged weights loaded without a word), never an error other than CheckpointError."""
+    import random
+
+    _, state = _state()
+    path = save_state(tmp_path / "ckpt", state)
+    good = path.read_bytes()
+    rng = random.Random(0)
+    loaded = []
+    for _ in range(40):
+        data = bytearray(good)
+        at = rng.randrange(len(data) - 5)
+        data[at : at + 5] = bytes(b ^ 0xFF for b in data[at : at + 5])
+        path.write_bytes(bytes(data))
+        try:
+            load_state(path)
+            loaded.append(at)
+        except CheckpointError as e:
+            assert str(path) in str(e)
+    # a flip in zip padding or a name field can be harmless; weights never load damaged
+    assert len(loaded) <= 2, loaded
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _, state = _state()
+    folder = tmp_path / "ckpt"
+    save_state(folder, state)
+
+    def crash_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_state(folder, {**state, "epoch": 4})
+    assert [p.name for p in folder.iterdir()] == [checkpoint.STATE_FILE]  # no temp file left
+    assert load_state(folder)["epoch"] == 3
+
+
 def test_plain_dict_without_marker_refused(tmp_path):
     _, state = _state()
     folder = tmp_path / "ckpt"

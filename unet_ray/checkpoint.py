@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,25 @@ def save_state(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / STATE_FILE
     tmp = folder / f".{STATE_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the previous checkpoint as it was
+        raise
+    try:  # make the rename itself survive a power cut
+        directory = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return final
+    try:
+        os.fsync(directory)
+    except OSError:  # some file systems refuse fsync on a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(directory)
     return final
 
 
@@ -62,8 +75,16 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """Load and check a checkpoint; any problem is a CheckpointError naming the file."""
     file = resolve(path)
     try:
+        # Every record of torch.save's zip carries a CRC-32: checked first (~10 ms for 8 MB), as
+        # torch.load does not, and damaged weights would otherwise load without a word.
+        with zipfile.ZipFile(file) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise CheckpointError(f"{file} is corrupt: its record {damaged} fails the CRC check")
         state = torch.load(file, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch.load's errors on damaged bytes take many types; all mean the same
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{file} is corrupt or not a PyTorch checkpoint ({first_line})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
