@@ -1,10 +1,12 @@
-"""Process helpers for tests that kill a `unet-ray` command and the local Ray it started."""
+"""Process helpers for tests: kill a `unet-ray` command and the local Ray it started; see which
+addresses the processes of a Ray listen on."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from pathlib import Path
 
 
 def session_pids(sid: int) -> list[int]:
@@ -36,3 +38,52 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
                 pass
         time.sleep(0.1)
     assert not session_pids(sid), f"processes of session {sid} still alive after {timeout}s"
+
+
+LOOPBACK_HEX = {  # as /proc/net/tcp{,6} write them
+    "0100007F": "127.0.0.1",
+    "0000000000000000FFFF00000100007F": "127.0.0.1",  # ::ffff:127.0.0.1, IPv4 on an IPv6 socket
+    "00000000000000000000000001000000": "::1",
+}
+
+
+def listening_addresses(pids: list[int]) -> dict[str, int]:
+    """Every TCP address that one of `pids` listens on (Linux /proc): address:port -> pid."""
+    listening = {}  # socket inode -> "address:port"
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                address, port = fields[1].split(":")
+                assert len(address) == width
+                readable = LOOPBACK_HEX.get(address, address)
+                listening[fields[9]] = f"{readable}:{int(port, 16)}"
+    found = {}
+    for pid in pids:
+        try:
+            links = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # gone meanwhile
+            continue
+        for link in links:
+            inode = link[len("socket:[") : -1] if link.startswith("socket:[") else None
+            if inode in listening:
+                found[listening[inode]] = pid
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc): a local Ray started by this process."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found

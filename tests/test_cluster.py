@@ -27,6 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # the test extra installs tomli on 3.10
     import tomli as tomllib
 
+from helpers import listening_addresses
 from unet_ray import cluster
 from unet_ray.checkpoint import resolve
 
@@ -139,37 +140,6 @@ def test_train_job_joins_cluster_and_writes_under_storage_path(one_node, job1):
     assert state_file == Path(best["checkpoint"]) / "state.pt" and state_file.is_file()
     assert state_file.is_relative_to(storage) and Path(best["run_path"]).is_relative_to(storage)
     assert best["metrics"]["val_iou"] == max(row["val_iou"] for row in history(run_dir))
-
-
-LOOPBACK_HEX = {  # as /proc/net/tcp{,6} write them
-    "0100007F": "127.0.0.1",
-    "0000000000000000FFFF00000100007F": "127.0.0.1",  # ::ffff:127.0.0.1, IPv4 on an IPv6 socket
-    "00000000000000000000000001000000": "::1",
-}
-
-
-def listening_addresses(pids: list[int]) -> dict[str, int]:
-    """Every TCP address that one of `pids` listens on (Linux /proc): address:port -> pid."""
-    listening = {}  # socket inode -> "address:port"
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A":  # LISTEN
-                address, port = fields[1].split(":")
-                assert len(address) == width
-                readable = LOOPBACK_HEX.get(address, address)
-                listening[fields[9]] = f"{readable}:{int(port, 16)}"
-    found = {}
-    for pid in pids:
-        try:
-            links = [os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:  # gone meanwhile
-            continue
-        for link in links:
-            inode = link[len("socket:[") : -1] if link.startswith("socket:[") else None
-            if inode in listening:
-                found[listening[inode]] = pid
-    return found
 
 
 @pytest.mark.ray

@@ -101,6 +101,50 @@ def test_prepared_data_for_another_label_set_is_refused(trained):
         run_training(other)
 
 
+LOCAL_RAY_ADDRESSES = """
+import json, os, sys
+import ray
+from helpers import descendants, listening_addresses
+from unet_ray.train import ensure_ray
+ensure_ray(progress=lambda *_: None)
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "dashboard": ray._private.worker.get_dashboard_url(),
+                  "listening": sorted(listening_addresses(descendants(os.getpid())))}))
+"""
+
+
+def test_local_ray_is_on_loopback_only_with_token_auth(ray_session):
+    """The local Ray that every command starts: every port it listens on is 127.0.0.1, and its
+    dashboard refuses a request without the token. Checked in this process, where ray was
+    imported before ensure_ray (it reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import), and in a
+    fresh one, as a `unet-ray` command runs."""
+    import os
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    import ray
+
+    from helpers import descendants, listening_addresses
+
+    here = {
+        "gcs": ray.get_runtime_context().gcs_address,
+        "dashboard": ray._private.worker.get_dashboard_url(),
+        "listening": sorted(listening_addresses(descendants(os.getpid()))),
+    }
+    tests = Path(__file__).parent
+    code = LOCAL_RAY_ADDRESSES.replace("import ray\n", f"import ray\nsys.path.insert(0, {str(tests)!r})\n")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tests.parent)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    for seen in (here, json.loads(fresh.stdout.strip().splitlines()[-1])):
+        assert seen["gcs"].startswith("127.0.0.1:") and seen["listening"], seen
+        assert all(a.startswith(("127.0.0.1:", "::1:")) for a in seen["listening"]), seen
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://{here['dashboard']}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+
+
 def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240) -> int:
     """Wait (bounded) until `epoch` is in the run's history, then SIGKILL one RayTrainWorker."""
     import os

@@ -40,6 +40,13 @@ def ensure_ray(progress=print) -> None:
     A local Ray binds every port, the dashboard included, to 127.0.0.1, and keeps Ray's token
     authentication on.
     """
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address or any(host in address for host in ("127.0.0.1", "localhost")):
+        # A local Ray, or a loopback cluster (unet-ray cluster up): without this Ray on Linux
+        # advertises the machine's network address and its servers listen on every interface.
+        # Set before `import ray`, which reads it once; see _keep_ray_on_loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _keep_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
@@ -49,16 +56,10 @@ def ensure_ray(progress=print) -> None:
     # forwarding. (Ray Train passes this variable on to the controller and the workers.)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    address = os.environ.get("RAY_ADDRESS", "")
     if address:
-        if any(host in address for host in ("127.0.0.1", "localhost")):
-            # A loopback cluster (unet-ray cluster up): keep Ray from swapping in the network address.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(**kwargs)
         progress(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
     else:
-        # Without this Ray on Linux advertises the machine's network address, not loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Ray kills idle task workers beyond one per CPU. Our quarter-CPU data tasks then start a
         # fresh process every epoch and pay ~2 s importing albumentations (and torch) each time.
         os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKER_SOFT_LIMIT))
@@ -70,6 +71,17 @@ def ensure_ray(progress=print) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
         progress(f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs")
+
+
+def _keep_ray_on_loopback() -> None:
+    """Make an already imported Ray see RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too: it reads the
+    variable into a constant at import. Measured: set after the import, a local Ray's GCS and
+    raylet listened on every interface (0.0.0.0 and ::), not on 127.0.0.1."""
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 @dataclass
