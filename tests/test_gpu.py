@@ -55,3 +55,5 @@ def test_ray_train_on_gpus_with_nccl(tmp_path):
     history = read_history(run_dir_of(cfg))
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert summary["metrics"]["val_iou"] > history[0]["val_iou"]
+    # the GPU path: NCCL between the workers, bf16 autocast, channels_last
+    assert {(r["dist_backend"], r["precision"], r["channels_last"]) for r in history} == {("nccl", "bf16-autocast", True)}

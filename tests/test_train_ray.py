@@ -59,6 +59,7 @@ def test_two_worker_run_learns(trained):
     assert best > first + 0.2 and best > 0.6, [row["val_iou"] for row in history]
     # every val pixel was seen: 25 images of 64x64, none dropped by the uneven 2-way split
     assert all(row["val_pixels"] == 25 * 64 * 64 for row in history)
+    assert {(r["dist_backend"], r["precision"], r["channels_last"]) for r in history} == {("gloo", "float32", False)}
     assert summary["metrics"]["val_iou"] == pytest.approx(best)
 
 
@@ -89,6 +90,36 @@ def test_rerun_resumes_from_latest_checkpoint(trained):
     run_training(longer)
     epochs = [row["epoch"] for row in read_history(run_dir_of(cfg))]
     assert epochs == list(range(1, total + 1)), epochs  # two epochs added; the first ones not trained again
+
+
+def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_path):
+    """The cityscapes19 label set end to end, with augmentation on: val_iou is the mIoU of the
+    classes present, absent classes are null (not NaN) in history.jsonl and best.json, and the
+    run ends by naming its best checkpoint and metrics."""
+    from unet_ray.train import read_history, run_dir_of, run_training
+
+    cfg = small_config(tmp_path, name="city", epochs=2, classes="cityscapes19", augment=True)
+    printed: list[str] = []
+    summary = run_training(cfg, progress=printed.append)
+    run_dir = run_dir_of(cfg)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in {run_dir}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    best = json.loads((run_dir / "best.json").read_text(), parse_constant=refuse)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == read_history(run_dir)
+    for row in rows:
+        per_class = row["val_iou_per_class"]
+        present = [v for v in per_class if v is not None]
+        assert len(per_class) == 19 and None in per_class and present  # synthetic scenes lack most classes
+        assert row["val_iou"] == pytest.approx(sum(present) / len(present)) == pytest.approx(row["val_miou"])
+    assert best["checkpoint"] == summary["checkpoint"]
+    assert printed[-2] == (
+        f"done: best val_iou {best['metrics']['val_iou']:.4f} at epoch {best['metrics']['epoch']} "
+        f"(pixel accuracy {best['metrics']['val_pixel_accuracy']:.4f}); best checkpoint: {summary['checkpoint']}"
+    )
+    assert printed[-1] == f"summary: {run_dir / 'best.json'}"
 
 
 def test_prepared_data_for_another_label_set_is_refused(trained):

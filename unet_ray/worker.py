@@ -109,6 +109,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_started_at": epoch_started_at,  # unix time; with first_step_s, when training began
             "first_step_s": stats["first_step_seconds"],  # waiting for the first batch + one step
             "restored_from_epoch": restored_from,  # > 0 on the first epoch after a restart or resume
+            # how this epoch ran, as a record and for the GPU test: nccl/gloo, bf16 autocast
+            "dist_backend": _dist_backend(),
+            "precision": "bf16-autocast" if on_gpu else "float32",
+            "channels_last": on_gpu,
         }
         restored_from = 0
         best_iou = max(best_iou, report["val_iou"])
@@ -172,6 +176,12 @@ def start_in_background(batches: Iterable[Any]) -> Iterator[Any]:
             yield from source
 
     return replay()
+
+
+def _dist_backend() -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else "none"
 
 
 def _broadcast_buffers_from_rank_0(module: torch.nn.Module) -> None:
