@@ -5,17 +5,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from unet_ray.config import MAX_DEPTH, MIN_BOTTLENECK
 from unet_ray.model import UNet, build_model, out_channels, predict_classes
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("depth", range(1, MAX_DEPTH + 1))
 @pytest.mark.parametrize("num_classes,channels", [(2, 1), (19, 19)])
 def test_output_shape(depth, num_classes, channels):
+    """Every depth the config allows, at the smallest image size it allows for that depth."""
+    size = max(64, MIN_BOTTLENECK * 2**depth)
     torch.manual_seed(0)
     model = UNet(num_classes=num_classes, depth=depth, base_channels=4).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, channels, 64, 64)
+        out = model(torch.randn(1, 3, size, size))
+    assert out.shape == (1, channels, size, size)
     assert torch.isfinite(out).all()
 
 

@@ -106,6 +106,17 @@ class TestBadInputThroughRay:
         assert main(["prepare", "--src", str(bad_pairs), "--out", str(out), "--image-size", "64", "--skip-bad-files"]) == 0
         meta = json.loads((out / "meta.json").read_text())
         assert meta["counts"] == {"train": 6, "val": 3} and meta["skipped"] == len(BAD_FILES)
+        assert (meta["image_size"], meta["classes"], meta["class_names"]) == (64, "road", ["rest", "road"])
+        # the Parquet rows: file id, split, raw image and class-id mask of every good file
+        import pyarrow.parquet as pq
+
+        for split, count in meta["counts"].items():
+            table = pq.read_table(out / split)
+            assert set(table.column_names) == {"id", "split", "image", "mask"}
+            assert sorted(table["id"].to_pylist()) == sorted(p.stem for p in (bad_pairs / split).iterdir() if p.name not in BAD_FILES)
+            assert set(table["split"].to_pylist()) == {split} and table.num_rows == count
+            assert {len(b) for b in table["image"].to_pylist()} == {64 * 64 * 3}
+            assert {len(b) for b in table["mask"].to_pylist()} == {64 * 64}
         skipped = (out / "skipped.txt").read_text().splitlines()
         assert sorted(Path(line.split(": ")[0]).name for line in skipped) == sorted(BAD_FILES)
         assert f"skipped {len(BAD_FILES)} bad files" in capsys.readouterr().out

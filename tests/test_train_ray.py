@@ -243,6 +243,28 @@ def test_val_is_shared_by_every_worker_without_dropping_rows(trained):
         assert sum(rows) == 25 and rows[0] >= 25 // workers, rows
 
 
+def test_augmentation_is_drawn_anew_every_epoch(trained):
+    """Through the Ray Data pipeline training reads: the 64 rows, augmented anew in each epoch
+    (val is never augmented). Crop and colour jitter have p=0.5 each, flips 0.5: a row comes
+    out as it is stored (or only flipped) with p=0.25, the same way in two epochs with p~0.03."""
+    from unet_ray.data import build_datasets
+
+    cfg, _, _ = trained
+    prepared = cfg.run.storage_path + "/" + cfg.run.name + "/prepared"
+    augmented = build_datasets(prepared, 64, augment=True, workers=1)
+    stored = build_datasets(prepared, 64, augment=False, workers=1)
+
+    def epoch(datasets, split: str) -> list[bytes]:
+        return sorted(im.tobytes() for b in datasets[split].iter_batches(batch_size=None) for im in b["image"])
+
+    original = set(epoch(stored, "train"))
+    first, second = epoch(augmented, "train"), epoch(augmented, "train")
+    assert len(first) == len(second) == len(original) == 64
+    assert len(set(first) & set(second)) <= 12  # expected ~2
+    assert len(set(first) - original) >= 40 and len(set(second) - original) >= 40  # expected ~56
+    assert epoch(augmented, "val") == epoch(stored, "val") and len(epoch(augmented, "val")) == 25
+
+
 def test_every_epoch_sees_every_row_once_in_a_new_order(ray_session):
     import numpy as np
     import ray
