@@ -17,15 +17,14 @@ from unet_ray.prepare import DataError
 pytestmark = pytest.mark.ray
 
 
-def small_config(tmp_path, name="run", epochs=8, **data) -> TrainConfig:
-    """A run that learns the synthetic scenes within a minute on 2 CPUs. Without augmentation and
-    with 8 epochs two runs of the same seed converge to nearly the same IoU (data order still
-    varies between runs), which the worker-kill test compares."""
+def small_config(tmp_path, name="run", epochs=8, batch_size=4, **data) -> TrainConfig:
+    """A run that learns the synthetic scenes within a minute on 2 CPUs (first epoch's IoU near
+    0, so learning shows)."""
     return TrainConfig.from_dict(
         {
             "data": {"image_size": 64, "synth_train": 64, "synth_val": 25, "augment": False, **data},
             "model": {"depth": 3, "base_channels": 8},
-            "optim": {"epochs": epochs, "batch_size": 4, "lr": 3e-3},
+            "optim": {"epochs": epochs, "batch_size": batch_size, "lr": 3e-3},
             "run": {"workers": 2, "storage_path": str(tmp_path), "name": name, "seed": 0},
         }
     ).validate()
@@ -200,17 +199,21 @@ def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240)
     raise TimeoutError(f"epoch {epoch} never showed up in {history_file}")
 
 
-def test_killed_worker_restarts_from_latest_checkpoint(trained, tmp_path):
+def test_killed_worker_restarts_from_latest_checkpoint(ray_session, tmp_path):
     """SIGKILL a training worker during epoch 2 of a 4-epoch run: the run restarts its workers
-    from the epoch-1 checkpoint, reports every epoch once and reaches the IoU that the
-    uninterrupted run of the same seed had at epoch 4 (no LR schedule: its first 4 epochs are
-    a 4-epoch run)."""
+    from the epoch-1 checkpoint, reports every epoch once and reaches the IoU of an uninterrupted
+    run of the same seed.
+
+    192 training pairs: 4 epochs then reach the plateau, where runs of one seed agree (best IoU
+    0.934, 0.948, 0.943 in 3 runs, measured; the data order is not seeded). With the 64 pairs
+    of the other tests, 4 epochs ended anywhere from 0.55 to 0.92: too wide to tell a bad
+    restart from chance."""
     import threading
 
     from unet_ray.train import read_history, run_dir_of, run_training
 
-    _, _, reference_history = trained
-    cfg = small_config(tmp_path, name="killed", epochs=4)
+    reference = run_training(small_config(tmp_path, name="reference", epochs=4, synth_train=192))
+    cfg = small_config(tmp_path, name="killed", epochs=4, synth_train=192)
     killed = {}
     watcher = threading.Thread(
         target=lambda: killed.setdefault("pid", _kill_one_train_worker_after(run_dir_of(cfg) / "history.jsonl", 1)),
@@ -225,7 +228,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(trained, tmp_path):
     # epoch 2 is the first after the restart, trained from the epoch-1 checkpoint; no other restart
     assert [row["restored_from_epoch"] for row in history] == [0, 1, 0, 0]
     assert summary["last_metrics"]["epoch"] == 4
-    assert history[-1]["val_iou"] == pytest.approx(reference_history[3]["val_iou"], abs=0.1)
+    assert summary["metrics"]["val_iou"] == pytest.approx(reference["metrics"]["val_iou"], abs=0.05)
 
 
 def test_val_is_shared_by_every_worker_without_dropping_rows(trained):
