@@ -53,6 +53,9 @@ def test_training_with_dice_and_many_classes_runs():
     out = engine.train_one_epoch(model, [batch, batch], optimizer, torch.device("cpu"), dice_weight=0.5)
     assert out["train_images"] == 4
     assert torch.isfinite(torch.tensor(out["train_loss"])) and out["train_loss"] > 0
+    assert (out["logits_dtype"], out["channels_last"]) == ("float32", False)  # how the step ran on CPU
+    out = engine.train_one_epoch(model, [batch], optimizer, torch.device("cpu"), channels_last=True)
+    assert (out["logits_dtype"], out["channels_last"]) == ("float32", True)
 
 
 def test_empty_epoch():

@@ -28,6 +28,7 @@ def test_bf16_channels_last_training_step():
     first = engine.train_one_epoch(model, batches[:1], optimizer, device, mixed_precision=True, channels_last=True)
     last = engine.train_one_epoch(model, batches, optimizer, device, mixed_precision=True, channels_last=True)
     assert last["train_loss"] < first["train_loss"]
+    assert (last["logits_dtype"], last["channels_last"]) == ("bfloat16", True)
     confusion = engine.evaluate(model, batches[:2], 2, device, mixed_precision=True, channels_last=True)
     assert int(confusion.mat.sum()) == 2 * 8 * 64 * 64
 
@@ -56,4 +57,4 @@ def test_ray_train_on_gpus_with_nccl(tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert summary["metrics"]["val_iou"] > history[0]["val_iou"]
     # the GPU path: NCCL between the workers, bf16 autocast, channels_last
-    assert {(r["dist_backend"], r["precision"], r["channels_last"]) for r in history} == {("nccl", "bf16-autocast", True)}
+    assert {(r["dist_backend"], r["logits_dtype"], r["channels_last"]) for r in history} == {("nccl", "bfloat16", True)}

@@ -58,7 +58,7 @@ def test_two_worker_run_learns(trained):
     assert best > first + 0.2 and best > 0.6, [row["val_iou"] for row in history]
     # every val pixel was seen: 25 images of 64x64, none dropped by the uneven 2-way split
     assert all(row["val_pixels"] == 25 * 64 * 64 for row in history)
-    assert {(r["dist_backend"], r["precision"], r["channels_last"]) for r in history} == {("gloo", "float32", False)}
+    assert {(r["dist_backend"], r["logits_dtype"], r["channels_last"]) for r in history} == {("gloo", "float32", False)}
     assert summary["metrics"]["val_iou"] == pytest.approx(best)
 
 

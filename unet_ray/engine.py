@@ -40,8 +40,10 @@ def train_one_epoch(
     mixed_precision: bool = False,
     channels_last: bool = False,
 ) -> dict[str, float]:
-    """Train over `batches`; returns mean loss, images seen and seconds spent."""
+    """Train over `batches`; returns mean loss, images seen and seconds spent, and how the first
+    step ran (its logits' dtype, whether its input was channels_last)."""
     model.train()
+    ran_as = {"logits_dtype": "none", "channels_last": False}
     loss_sum = torch.zeros((), device=device)
     images_seen = 0
     steps = 0
@@ -59,6 +61,10 @@ def train_one_epoch(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             first_step_seconds = time.perf_counter() - start
+            ran_as = {
+                "logits_dtype": str(logits.dtype).removeprefix("torch."),
+                "channels_last": x.is_contiguous(memory_format=torch.channels_last),
+            }
         loss_sum += loss.detach()  # no .item() per step: it would sync the GPU every batch
         images_seen += x.shape[0]
         steps += 1
@@ -68,6 +74,7 @@ def train_one_epoch(
         "train_images": images_seen,
         "train_seconds": seconds,
         "first_step_seconds": first_step_seconds if steps else seconds,
+        **ran_as,
     }
 
 

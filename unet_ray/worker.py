@@ -109,10 +109,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_started_at": epoch_started_at,  # unix time; with first_step_s, when training began
             "first_step_s": stats["first_step_seconds"],  # waiting for the first batch + one step
             "restored_from_epoch": restored_from,  # > 0 on the first epoch after a restart or resume
-            # how this epoch ran, as a record and for the GPU test: nccl/gloo, bf16 autocast
+            # how this epoch ran, as measured, for the record and the GPU test
             "dist_backend": _dist_backend(),
-            "precision": "bf16-autocast" if on_gpu else "float32",
-            "channels_last": on_gpu,
+            "logits_dtype": stats["logits_dtype"],  # bfloat16 under autocast
+            "channels_last": stats["channels_last"],
         }
         restored_from = 0
         best_iou = max(best_iou, report["val_iou"])
