@@ -37,3 +37,14 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
+
+
+def jpeg_claiming_a_huge_size(width: int = 8, height: int = 8) -> bytes:
+    """A small valid JPEG whose frame header claims 65000x65000 pixels: PIL refuses it at open
+    with DecompressionBombError (more than 2 x Image.MAX_IMAGE_PIXELS)."""
+    data = bytearray(encode(np.zeros((height, width, 3), np.uint8)))
+    i = 2  # after SOI: walk the marker segments to the frame header (SOF0..SOF2)
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    data[i + 5 : i + 9] = (65000).to_bytes(2, "big") * 2  # height, width
+    return bytes(data)

@@ -25,7 +25,7 @@ from unet_ray.metrics import ConfusionMatrix
 from unet_ray.model import build_model
 from unet_ray.prepare import DataError
 
-from conftest import encode
+from conftest import encode, jpeg_claiming_a_huge_size
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +64,6 @@ def city_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict_city") / "ckpt"
     ckpt_io.save_state(folder, {"model": model.state_dict(), "epoch": 1, "config": cfg.to_dict(), "metrics": {}})
     return folder
-
-
-def _bomb_jpeg() -> bytes:
-    """A small valid JPEG whose frame header claims 65000x65000 pixels: PIL refuses it at open
-    with DecompressionBombError (more than 2 x Image.MAX_IMAGE_PIXELS)."""
-    data = bytearray(encode(_photo(8, 8)))
-    i = 2  # after SOI: walk the marker segments to the frame header (SOF0..SOF2)
-    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    data[i + 5:i + 9] = (65000).to_bytes(2, "big") * 2  # height, width
-    return bytes(data)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +140,7 @@ def test_read_input_tells_pairs_from_photos(tmp_path, pairs_folder):
         ("empty.jpg", b"", "empty file"),
         ("text.jpg", b"not an image", "not a readable image"),
         ("cut.jpg", encode(_photo(64, 64))[:300], "not a readable image"),
-        ("huge.jpg", _bomb_jpeg(), "not a readable image .*decompression bomb"),
+        ("huge.jpg", jpeg_claiming_a_huge_size(), "not a readable image .*decompression bomb"),
     ):
         (tmp_path / name).write_bytes(data)
         for kind in ("auto", "photo", "pair"):
@@ -315,7 +304,7 @@ def test_odd_sizes_and_unreadable_files(ray_session, trained, tmp_path, capsys):
     (photos / "rgba.png").write_bytes(encode(np.dstack([_photo(40, 60), np.full((40, 60), 128, np.uint8)]), "PNG"))
     good["rgba"] = ("rgba.png", (40, 60))
     bad = {"zero.jpg": b"", "text.jpg": b"this is no image", "cut.jpg": encode(_photo(300, 517))[:2000],
-           "huge.jpg": _bomb_jpeg()}
+           "huge.jpg": jpeg_claiming_a_huge_size()}
     for name, data in bad.items():
         (photos / name).write_bytes(data)
     out = tmp_path / "out"

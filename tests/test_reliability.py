@@ -3,7 +3,6 @@ resumes from its last checkpoint."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -15,19 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import jpeg_claiming_a_huge_size
 from helpers import kill_session
 from unet_ray import pairs
 from unet_ray.cli import main
-
-def _jpeg_claiming_a_huge_size(path: Path) -> None:
-    """A JPEG whose header says 65000x65000 pixels: PIL refuses it as a decompression bomb."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (512, 256)).save(buffer, "JPEG")
-    data = bytearray(buffer.getvalue())
-    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
-    data[sof + 5 : sof + 9] = (65000).to_bytes(2, "big") * 2
-    path.write_bytes(bytes(data))
-
 
 BAD_FILES = {
     # name: (how to write it, the words the message must contain)
@@ -42,7 +32,7 @@ BAD_FILES = {
         "colour mask",
     ),
     "unreadable.jpg": (lambda p: p.symlink_to(p.parent / "missing-target.jpg"), "cannot be read"),
-    "huge.jpg": (_jpeg_claiming_a_huge_size, "not a readable image"),
+    "huge.jpg": (lambda p: p.write_bytes(jpeg_claiming_a_huge_size(512, 256)), "not a readable image"),
 }
 
 

@@ -37,17 +37,21 @@ def save_state(folder: str | os.PathLike, state: dict[str, Any]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write leaves the previous checkpoint as it was
         raise
-    try:  # make the rename itself survive a power cut
-        directory = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return final
-    try:
-        os.fsync(directory)
-    except OSError:  # some file systems refuse fsync on a folder; the rename is still atomic
-        pass
-    finally:
-        os.close(directory)
+    _fsync_folder(folder)
     return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` survive a power cut. Some file systems refuse fsync on a
+    folder; the rename is atomic all the same."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def resolve(path: str | os.PathLike) -> Path:
