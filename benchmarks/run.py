@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import quality
+
 # Targets from the issue, shown next to the measurements (never used as results).
 TARGETS = {"ratio_ray_vs_plain": 0.90, "data_images_per_s_per_core": 1000.0, "startup_to_first_step_s": 20.0}
 
@@ -422,10 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small settings (< 3 min on 2 cores)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for <machine>.json and .md")
     parser.add_argument("--real-data", help="folder of real pair JPEGs (no train/val subfolders) for accuracy-for-time")
+    quality.add_arguments(parser)
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.quality:
+        if not args.real_data:
+            parser.error("--quality needs --real-data DIR (a folder of pair JPEGs, e.g. the data set's train/)")
+        return quality.run_quality(args, out, machine_name())
     started = time.perf_counter()
 
     import ray

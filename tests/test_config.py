@@ -231,7 +231,7 @@ def test_flags_override_yaml(tmp_path):
     assert cfg.optim.lr == 0.01  # flag wins
     assert cfg.run.workers == 1
     assert cfg.model.depth == 3
-    assert cfg.data.augment is False and cfg.run.gpu is True
+    assert cfg.data.augment == "none" and cfg.run.gpu is True
     assert cfg.data.image_size == 64 and cfg.data.classes == "cityscapes19"  # YAML kept where no flag
     assert cfg.optim.epochs == 7
     assert cfg.run.name == "unet"  # default kept where neither

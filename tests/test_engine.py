@@ -41,7 +41,7 @@ def test_training_lowers_the_loss():
     last = engine.train_one_epoch(model, [batch], optimizer, device)
     assert last["train_loss"] < 0.5 * first["train_loss"], (first, last)
     # and the model now segments the batch
-    cm = engine.evaluate(model, [batch], 2, device)
+    cm = engine.evaluate(model, [batch], 2, device)["train_size"]
     assert cm.compute()["iou_per_class"][1] > 0.8
 
 
@@ -71,7 +71,7 @@ def test_evaluate_counts_non_ignored_pixels():
     a, b = _batch(n=3, seed=1), _batch(n=2, seed=2)
     a["mask"][:, :5] = 255
     b["mask"][0] = 255
-    cm = engine.evaluate(model, [a, b], 2, torch.device("cpu"))
+    cm = engine.evaluate(model, [a, b], 2, torch.device("cpu"))["train_size"]
     assert isinstance(cm, ConfusionMatrix)
     expected = int((a["mask"] != 255).sum() + (b["mask"] != 255).sum())
     assert int(cm.mat.sum()) == expected
@@ -83,7 +83,7 @@ def test_evaluate_multiclass_matches_manual_confusion():
     model = UNet(num_classes=19, depth=2, base_channels=4).eval()
     batch = _batch(n=2)
     batch["mask"] = (batch["mask"] * 7).to(torch.uint8)
-    cm = engine.evaluate(model, [batch], 19, torch.device("cpu"))
+    cm = engine.evaluate(model, [batch], 19, torch.device("cpu"))["train_size"]
     with torch.no_grad():
         pred = model(engine.to_model_input(batch["image"], torch.device("cpu"))).argmax(1)
     manual = ConfusionMatrix(19)

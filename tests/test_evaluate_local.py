@@ -116,6 +116,8 @@ def _write_prepared(folder, pairs_root, image_size=64, label_set="road", meta_ov
                 "mask": pa.array(list(batch["mask"]), type=pa.binary()),
             }
         )
+        if split == "val":
+            table = table.append_column("mask_native", pa.array(list(batch["mask_native"]), type=pa.binary()))
         pq.write_table(table, folder / split / "part-0.parquet")
         counts[split] = len(files)
     meta = {
@@ -140,6 +142,7 @@ def test_prepared_folder_gives_the_same_batches_as_the_pairs_folder(tmp_path, pa
     for a, b in zip(from_prepared, from_pairs):
         assert a["image"].dtype == torch.uint8 and a["mask"].dtype == torch.uint8
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert a["mask_native"].shape == (1, 256, 256) and torch.equal(a["mask_native"], b["mask_native"])
 
 
 def test_prepared_folder_incompatible_run(tmp_path, pairs_folder):

@@ -29,7 +29,7 @@ def test_bf16_channels_last_training_step():
     last = engine.train_one_epoch(model, batches, optimizer, device, mixed_precision=True, channels_last=True)
     assert last["train_loss"] < first["train_loss"]
     assert (last["logits_dtype"], last["channels_last"]) == ("bfloat16", True)
-    confusion = engine.evaluate(model, batches[:2], 2, device, mixed_precision=True, channels_last=True)
+    confusion = engine.evaluate(model, batches[:2], 2, device, mixed_precision=True, channels_last=True)["train_size"]
     assert int(confusion.mat.sum()) == 2 * 8 * 64 * 64
 
 

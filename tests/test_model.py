@@ -50,7 +50,7 @@ def test_without_batch_norm():
 
 
 def test_build_model_from_section():
-    cfg = SimpleNamespace(depth=2, base_channels=8, batch_norm=False)
+    cfg = SimpleNamespace(depth=2, base_channels=8, batch_norm=False, block="plain", upsample="transpose")
     model = build_model(cfg, 19)
     assert model.depth == 2
     assert model.head.out_channels == 19

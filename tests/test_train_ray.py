@@ -10,6 +10,7 @@ import json
 import pytest
 
 from unet_ray import checkpoint as ckpt_io
+from unet_ray import recipe
 from unet_ray.config import TrainConfig
 from unet_ray.evaluate import evaluate_checkpoint
 from unet_ray.prepare import DataError
@@ -28,6 +29,22 @@ def small_config(tmp_path, name="run", epochs=8, batch_size=4, **data) -> TrainC
             "run": {"workers": 2, "storage_path": str(tmp_path), "name": name, "seed": 0},
         }
     ).validate()
+
+
+def planned_lrs(cfg: TrainConfig, epochs: int) -> list[float]:
+    """The learning rate after each epoch's last step, as recipe.StepSchedule plans it."""
+    import torch
+
+    steps = recipe.steps_per_epoch(cfg.data.synth_train, cfg.run.workers, cfg.optim.batch_size)
+    optimizer = recipe.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim)
+    schedule = recipe.StepSchedule(optimizer, cfg.optim, steps)
+    out = []
+    for _ in range(epochs):
+        for _ in range(steps):
+            optimizer.step()
+            schedule.step()
+        out.append(schedule.get_last_lr())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +75,15 @@ def test_two_worker_run_learns(trained):
     assert best > first + 0.2 and best > 0.6, [row["val_iou"] for row in history]
     # every val pixel was seen: 25 images of 64x64, none dropped by the uneven 2-way split
     assert all(row["val_pixels"] == 25 * 64 * 64 for row in history)
-    assert {(r["dist_backend"], r["logits_dtype"], r["channels_last"]) for r in history} == {("gloo", "float32", False)}
+    # run.precision "auto": bf16 autocast + channels_last where the CPU has native bf16
+    bf16 = recipe.cpu_has_native_bf16()
+    expected = ("gloo", "bfloat16" if bf16 else "float32", bf16)
+    assert {(r["dist_backend"], r["logits_dtype"], r["channels_last"]) for r in history} == {expected}
     assert summary["metrics"]["val_iou"] == pytest.approx(best)
+    # the native-size IoU (pairs' own 256x256 masks) is reported every epoch, next to the 64 px one
+    assert all(0 <= row["val_iou_native"] <= 1 for row in history)
+    # the learning rate follows the configured schedule, one step per batch
+    assert [row["lr"] for row in history] == pytest.approx(planned_lrs(cfg, len(history)))
 
 
 def test_best_checkpoint_matches_single_process_evaluate(trained):
@@ -78,6 +102,7 @@ def test_best_checkpoint_matches_single_process_evaluate(trained):
         result = evaluate_checkpoint(run_dir, data)
         assert result["val_pixels"] == 25 * 64 * 64
         assert result["val_iou"] == pytest.approx(summary["metrics"]["val_iou"], abs=1e-6)
+        assert result["val_iou_native"] == pytest.approx(summary["metrics"]["val_iou_native"], abs=1e-6)
 
 
 def test_rerun_resumes_from_latest_checkpoint(trained):

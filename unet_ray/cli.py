@@ -18,8 +18,16 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--cpus-per-worker": ("run.cpus_per_worker", float, "CPUs per worker (default: worked out from the cluster)"),
     "--epochs": ("optim.epochs", int, "epochs (default 10)"),
     "--batch-size": ("optim.batch_size", int, "batch size per worker (default 16)"),
-    "--lr": ("optim.lr", float, "Adam learning rate (default 1e-3)"),
-    "--weight-decay": ("optim.weight_decay", float, "Adam weight decay (default 0)"),
+    "--lr": ("optim.lr", float, "peak learning rate"),
+    "--weight-decay": ("optim.weight_decay", float, "weight decay (decoupled with adamw)"),
+    "--optimizer": ("optim.optimizer", str, "adam, adamw or sgd (Nesterov momentum)"),
+    "--schedule": ("optim.schedule", str, "learning rate per step: constant, cosine, poly or onecycle"),
+    "--warmup-epochs": ("optim.warmup_epochs", float, "linear warmup, in epochs (fractions allowed)"),
+    "--ema-decay": ("optim.ema_decay", float, "EMA of the weights per step, validated and saved (0 = off)"),
+    "--augment": ("data.augment", str, "augmentation preset: none, light, medium or strong"),
+    "--block": ("model.block", str, "UNet block: plain or residual"),
+    "--upsample": ("model.upsample", str, "UNet upsampling: transpose or bilinear"),
+    "--precision": ("run.precision", str, "auto (bf16 on GPUs and bf16-capable CPUs), fp32 or bf16"),
     "--dice-weight": ("optim.dice_weight", float, "weight of the soft-Dice loss term (default 0)"),
     "--depth": ("model.depth", int, "UNet depth: number of 2x down-samplings (default 4)"),
     "--base-channels": ("model.base_channels", int, "channels of the first UNet level (default 16)"),
@@ -35,7 +43,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for flag, (_, typ, text) in TRAIN_FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=text)
     p.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (NCCL, bf16 autocast, channels_last)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="turn augmentation off")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=None, help="turn augmentation off (--augment none)")
     p.add_argument("--skip-bad-files", action="store_true", default=None, help="leave unusable pair files out (listed in skipped.txt)")
 
 
@@ -92,7 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from unet_ray.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.skip_bad_files)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, args.split, args.batch_size, args.skip_bad_files, flip_tta=args.tta
+    )
     print(jsonfile.dumps(result, indent=2))
     return 0
 
@@ -114,7 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         summary = predict(
             args.checkpoint, args.input, args.out, workers=args.workers, gpu=args.gpu, overlay=args.overlay,
-            batch_size=args.batch_size, kind=args.input_kind, skip_existing=args.skip_existing,
+            batch_size=args.batch_size, kind=args.input_kind, skip_existing=args.skip_existing, flip_tta=args.tta,
         )
     except PredictionFailed as e:
         print(f"unet-ray predict: error: {e}", file=sys.stderr)
@@ -216,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--skip-bad-files", action="store_true")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: mean logits of the photo and its mirror")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -238,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-kind", default="auto", choices=["auto", "photo", "pair"],
                    help="auto: a 256x512 file whose right half is a colour mask is a pair, anything else a photo")
     p.add_argument("--skip-existing", action="store_true", help="leave out files whose outputs are already in --out")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation: mean logits of the photo and its mirror")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

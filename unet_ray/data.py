@@ -24,6 +24,7 @@ from unet_ray import pairs
 from unet_ray.config import TrainConfig
 from unet_ray.prepare import (
     DATA_TASK_CPUS,
+    FORMAT,
     META_FILE,
     SKIPPED_FILE,
     DataError,
@@ -39,22 +40,25 @@ BATCH_ROWS = 64  # rows per Ray Data batch for the decode and augment stages
 
 
 @lru_cache(maxsize=4)
-def _augmenter(image_size: int) -> JointAugment:
+def _augmenter(image_size: int, preset: str) -> JointAugment:
     if "albumentations" not in sys.modules:
         # A data task never uses albumentations.pytorch (ToTensorV2), whose import pulls in torch:
         # 1.2 of the 1.9 s that the first augment task of every fresh worker process spends
         # importing albumentations (measured), while the training workers wait for a batch.
         sys.modules.setdefault("albumentations.pytorch", None)
-    return JointAugment(image_size)
+    return JointAugment(image_size, preset)
 
 
-def augment_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+def augment_batch(batch: dict[str, np.ndarray], image_size: int, preset: str = "medium") -> dict[str, np.ndarray]:
     """Task-friendly wrapper: one albumentations pipeline per worker process, built once."""
-    return _augmenter(image_size)(batch)
+    return _augmenter(image_size, preset)(batch)
 
 
-def build_datasets(prepared: str | Path, image_size: int, augment: bool, workers: int = 1) -> dict[str, Any]:
-    """train and val as Ray Data datasets. `workers`: how many training workers will share val."""
+def build_datasets(prepared: str | Path, image_size: int, augment: str | bool, workers: int = 1) -> dict[str, Any]:
+    """train and val as Ray Data datasets. `augment`: a transforms.AUGMENT_PRESETS name (True:
+    "medium", False: "none"); `workers`: how many training workers will share val."""
+    if isinstance(augment, bool):
+        augment = "medium" if augment else "none"
     import ray
     from ray.data.block import BlockAccessor
 
@@ -82,9 +86,12 @@ def build_datasets(prepared: str | Path, image_size: int, augment: bool, workers
         ds = ray.data.from_blocks(blocks)
         if split == "train":
             ds = ds.randomize_block_order()  # drawn again every epoch; rows are mixed on the workers
-        if split == "train" and augment:
+        if split == "train" and augment != "none":
             ds = ds.map_batches(
-                augment_batch, fn_kwargs={"image_size": image_size}, batch_size=BATCH_ROWS, num_cpus=DATA_TASK_CPUS
+                augment_batch,
+                fn_kwargs={"image_size": image_size, "preset": augment},
+                batch_size=BATCH_ROWS,
+                num_cpus=DATA_TASK_CPUS,
             )
         datasets[split] = ds
     return datasets
@@ -134,6 +141,7 @@ def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[P
 
     target = run_dir / "prepared"
     wanted = {
+        "format": FORMAT,  # data prepared by an older version is prepared again
         "source": str(source.resolve()),
         "classes": d.classes,
         "image_size": d.image_size,

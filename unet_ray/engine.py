@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unet_ray.losses import segmentation_loss
@@ -25,9 +26,9 @@ def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bo
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (no loss scaling needed) on CUDA or CPU when enabled; a no-op otherwise."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -39,9 +40,14 @@ def train_one_epoch(
     dice_weight: float = 0.0,
     mixed_precision: bool = False,
     channels_last: bool = False,
+    scheduler=None,
+    ema: nn.Module | None = None,
 ) -> dict[str, float]:
     """Train over `batches`; returns mean loss, images seen and seconds spent, and how the first
-    step ran (its logits' dtype, whether its input was channels_last)."""
+    step ran (its logits' dtype, whether its input was channels_last).
+
+    `scheduler` (recipe.StepSchedule) is stepped and `ema` (an AveragedModel) updated after every
+    optimizer step."""
     model.train()
     ran_as = {"logits_dtype": "none", "channels_last": False}
     loss_sum = torch.zeros((), device=device)
@@ -57,6 +63,10 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(getattr(model, "module", model))  # the weights, not the DDP wrapper
         if steps == 0:  # how long the epoch waited for data before its first step, plus that step
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -78,6 +88,22 @@ def train_one_epoch(
     }
 
 
+def predict_logits(model: nn.Module, x: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
+    """model(x) in fp32; with flip_tta the mean of the logits of x and of x mirrored left-right
+    (mirrored back), as the two passes would give one by one."""
+    logits = model(x).float()
+    if flip_tta:
+        logits = (logits + model(x.flip(-1)).float().flip(-1)) / 2
+    return logits
+
+
+def to_native_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits at the training size -> logits at `size` (bilinear): the masks users compare with."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -86,13 +112,23 @@ def evaluate(
     device: torch.device,
     mixed_precision: bool = False,
     channels_last: bool = False,
-) -> ConfusionMatrix:
-    """Confusion matrix of `model` over `batches` (not reduced across processes)."""
+    flip_tta: bool = False,
+    native: bool = False,
+) -> dict[str, ConfusionMatrix]:
+    """Confusion matrices of `model` over `batches` (not reduced across processes): "train_size"
+    against the masks at the training size and, with `native`, "native" against the batches'
+    `mask_native` (the pair's own resolution, 256x256), with the logits upsampled to it.
+    Both exist even when there are no batches, so every worker all-reduces the same matrices."""
     model.eval()
-    confusion = ConfusionMatrix(num_classes, device)
+    confusion = {"train_size": ConfusionMatrix(num_classes, device)}
+    if native:
+        confusion["native"] = ConfusionMatrix(num_classes, device)
     for batch in batches:
         x = to_model_input(batch["image"], device, channels_last)
         with autocast(device, mixed_precision):
-            logits = model(x)
-        confusion.update(batch["mask"].to(device), predict_classes(logits))
+            logits = predict_logits(model, x, flip_tta)
+        confusion["train_size"].update(batch["mask"].to(device), predict_classes(logits))
+        if native:
+            truth = batch["mask_native"].to(device)
+            confusion["native"].update(truth, predict_classes(to_native_size(logits, truth.shape[-2:])))
     return confusion

@@ -28,7 +28,9 @@ def iter_split(
     batch_size: int = 32,
     skipped: list[str] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """uint8 image/mask tensor batches of `split` from a pairs folder or a prepared folder.
+    """uint8 image/mask tensor batches of `split` from a pairs folder or a prepared folder, with
+    `mask_native` (the mask at the pair's own 256x256) where the source has it: always for pairs,
+    for the val split of a prepared folder.
 
     A bad pair file raises a DataError naming it; when a `skipped` list is given, bad files are
     left out and their messages appended to it instead.
@@ -41,7 +43,7 @@ def iter_split(
             files = list_pairs(data, split)
         except FileNotFoundError as e:
             raise DataError(str(e)) from None
-        images, masks = [], []
+        images, masks, native = [], [], []
         for path in files:
             try:
                 pair = read_pair(path)
@@ -53,11 +55,12 @@ def iter_split(
             photo, ids = resize_pair(pair.photo, pair.train_ids, image_size)
             images.append(photo)
             masks.append(palette.to_label_set(ids, label_set))
+            native.append(palette.to_label_set(pair.train_ids, label_set))
             if len(images) == batch_size:
-                yield _batch(images, masks)
-                images, masks = [], []
+                yield _batch(images, masks, native)
+                images, masks, native = [], [], []
         if images:
-            yield _batch(images, masks)
+            yield _batch(images, masks, native)
         return
     check_compatible(read_meta(data), data, label_set, image_size)
     arrays = read_prepared_split(data, split, image_size)
@@ -65,39 +68,67 @@ def iter_split(
         yield {k: torch.from_numpy(a[start : start + batch_size].copy()) for k, a in arrays.items()}
 
 
-def _batch(images: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    return {"image": torch.from_numpy(np.stack(images)), "mask": torch.from_numpy(np.stack(masks))}
+def _batch(images: list[np.ndarray], masks: list[np.ndarray], native: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.stack(rows)) for name, rows in (("image", images), ("mask", masks), ("mask_native", native))}
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data: str | Path, split: str = "val", batch_size: int = 32, skip_bad_files: bool = False
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "val",
+    batch_size: int = 32,
+    skip_bad_files: bool = False,
+    flip_tta: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of `checkpoint` on `data`; the label set and image size come from the checkpoint."""
+    """Metrics of `checkpoint` on `data`; the label set and image size come from the checkpoint.
+
+    val_* figures compare with the masks at the training size; val_*_native (where the data has
+    the pairs' own masks) with the 256x256 masks, the logits upsampled bilinearly. With
+    `flip_tta` the logits are the mean over the photo and its mirror image."""
     model, cfg, state = load_model(checkpoint)
     skipped: list[str] | None = [] if skip_bad_files else None
-    batches = iter_split(data, split, cfg.data.classes, cfg.data.image_size, batch_size, skipped)
+    batches = iter(iter_split(data, split, cfg.data.classes, cfg.data.image_size, batch_size, skipped))
+    first = next(batches, None)
     rows = [0]
 
-    def counted(batches):
+    def counted():
+        for batch in ([first] if first is not None else []):
+            rows[0] += len(batch["image"])
+            yield batch
         for batch in batches:
             rows[0] += len(batch["image"])
             yield batch
 
-    confusion = engine.evaluate(model, counted(batches), cfg.num_classes, torch.device("cpu"))
-    pixels = int(confusion.mat.sum())
+    native = first is not None and "mask_native" in first
+    confusion = engine.evaluate(
+        model, counted(), cfg.num_classes, torch.device("cpu"), flip_tta=flip_tta, native=native
+    )
+    pixels = int(confusion["train_size"].mat.sum())
     if pixels == 0:
         raise DataError(f"{data}: the {split} split has no labelled pixels to evaluate")
-    scores = confusion.compute()
+    scores = confusion["train_size"].compute()
+    names = palette.class_names(cfg.data.classes)
+    native_figures = {}
+    if native:
+        native_scores = confusion["native"].compute()
+        native_figures = {
+            "val_iou_native": metrics.headline(native_scores, cfg.num_classes)["val_iou"],
+            "val_miou_native": native_scores["miou"],
+            "val_iou_per_class_native": dict(zip(names, native_scores["iou_per_class"])),
+        }
     return {
         "checkpoint": str(checkpoint),
         "data": str(data),
         "split": split,
         "classes": cfg.data.classes,
         "epoch": state["epoch"],
+        "flip_tta": flip_tta,
+        "image_size": cfg.data.image_size,
         **metrics.headline(scores, cfg.num_classes),
         "val_miou": scores["miou"],
         "val_pixel_accuracy": scores["pixel_accuracy"],
-        "val_iou_per_class": dict(zip(palette.class_names(cfg.data.classes), scores["iou_per_class"])),
+        "val_iou_per_class": dict(zip(names, scores["iou_per_class"])),
+        **native_figures,
         "val_pixels": pixels,
         "pairs": rows[0],  # the pairs read and scored; bad files left out are in skipped_files
         "skipped_files": skipped or [],

@@ -1,8 +1,9 @@
-"""The UNet of the tutorial, with depth and width as parameters.
+"""The UNet of the tutorial, with depth, width, block and upsampling as parameters.
 
-Down path: two 3x3 convs with LeakyReLU per level, then 2x max-pool. Up path: 2x transposed conv,
-concatenate the skip connection of the same level, two 3x3 convs. A 1x1 conv head gives one logit
-per pixel for the binary road task or C logits for C classes.
+Down path: two 3x3 convs with LeakyReLU per level (optionally with an identity shortcut: a
+residual block), then 2x max-pool. Up path: 2x upsampling (transposed conv, or bilinear + 1x1
+conv), concatenate the skip connection of the same level, two 3x3 convs. A 1x1 conv head gives one
+logit per pixel for the binary road task or C logits for C classes.
 """
 
 from __future__ import annotations
@@ -24,20 +25,50 @@ class DoubleConv(nn.Sequential):
         super().__init__(*layers)
 
 
-class Down(nn.Sequential):
-    """(N, in, H, W) -> (N, out, H/2, W/2): max-pool, then DoubleConv."""
-
-    def __init__(self, in_ch: int, out_ch: int, batch_norm: bool):
-        super().__init__(nn.MaxPool2d(2), DoubleConv(in_ch, out_ch, batch_norm))
-
-
-class Up(nn.Module):
-    """(N, in, H, W) + skip (N, in/2, 2H, 2W) -> (N, out, 2H, 2W): transposed conv, concat, DoubleConv."""
+class ResidualDoubleConv(nn.Module):
+    """(N, in, H, W) -> (N, out, H, W): DoubleConv plus a shortcut (identity, or a 1x1 conv when
+    the width changes), as in ResNet: gradients reach early layers through the sum."""
 
     def __init__(self, in_ch: int, out_ch: int, batch_norm: bool):
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_ch, in_ch // 2, kernel_size=2, stride=2)
-        self.conv = DoubleConv(in_ch // 2 + out_ch, out_ch, batch_norm)
+        self.body = DoubleConv(in_ch, out_ch, batch_norm)
+        self.shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+BLOCKS = {"plain": DoubleConv, "residual": ResidualDoubleConv}
+
+
+class Down(nn.Sequential):
+    """(N, in, H, W) -> (N, out, H/2, W/2): max-pool, then the level's conv block."""
+
+    def __init__(self, in_ch: int, out_ch: int, batch_norm: bool, block: type[nn.Module] = DoubleConv):
+        super().__init__(nn.MaxPool2d(2), block(in_ch, out_ch, batch_norm))
+
+
+def upsampler(in_ch: int, kind: str) -> nn.Module:
+    """(N, in, H, W) -> (N, in/2, 2H, 2W): a learned 2x2 transposed conv, or bilinear 2x then a
+    1x1 conv (no checkerboard pattern, fewer weights)."""
+    if kind == "transpose":
+        return nn.ConvTranspose2d(in_ch, in_ch // 2, kernel_size=2, stride=2)
+    if kind == "bilinear":
+        return nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(in_ch, in_ch // 2, 1)
+        )
+    raise ValueError(f"unknown upsampling {kind!r}; choose transpose or bilinear")
+
+
+class Up(nn.Module):
+    """(N, in, H, W) + skip (N, in/2, 2H, 2W) -> (N, out, 2H, 2W): upsample, concat, conv block."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, batch_norm: bool, block: type[nn.Module] = DoubleConv, upsample: str = "transpose"
+    ):
+        super().__init__()
+        self.up = upsampler(in_ch, upsample)
+        self.conv = block(in_ch // 2 + out_ch, out_ch, batch_norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
@@ -46,15 +77,28 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """(N, 3, H, W) float image -> (N, K, H, W) logits; K = 1 for road, else the number of classes."""
 
-    def __init__(self, num_classes: int = 2, depth: int = 4, base_channels: int = 16, batch_norm: bool = True):
+    def __init__(
+        self,
+        num_classes: int = 2,
+        depth: int = 4,
+        base_channels: int = 16,
+        batch_norm: bool = True,
+        block: str = "plain",
+        upsample: str = "transpose",
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
+        conv = BLOCKS[block]
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.depth = depth
-        self.stem = DoubleConv(3, widths[0], batch_norm)
-        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], batch_norm) for i in range(depth))
-        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], batch_norm) for i in reversed(range(depth)))
+        self.stem = conv(3, widths[0], batch_norm)
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], batch_norm, conv) for i in range(depth))
+        self.ups = nn.ModuleList(
+            Up(widths[i + 1], widths[i], batch_norm, conv, upsample) for i in reversed(range(depth))
+        )
         self.head = nn.Conv2d(widths[0], out_channels(num_classes), kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +119,10 @@ def out_channels(num_classes: int) -> int:
 
 
 def build_model(model_cfg, num_classes: int) -> UNet:
-    """UNet from a config.ModelSection (or anything with depth, base_channels, batch_norm)."""
-    return UNet(num_classes, model_cfg.depth, model_cfg.base_channels, model_cfg.batch_norm)
+    """UNet from a config.ModelSection."""
+    return UNet(
+        num_classes, model_cfg.depth, model_cfg.base_channels, model_cfg.batch_norm, model_cfg.block, model_cfg.upsample
+    )
 
 
 def predict_classes(logits: torch.Tensor) -> torch.Tensor:

@@ -215,7 +215,16 @@ def confusion_counts(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> n
 class Predictor:
     """map_batches class: one model per actor, loaded once; a batch of paths in, small rows out."""
 
-    def __init__(self, checkpoint: str, out: str, overlay: bool, skip_existing: bool, device: str, torch_threads: int):
+    def __init__(
+        self,
+        checkpoint: str,
+        out: str,
+        overlay: bool,
+        skip_existing: bool,
+        device: str,
+        torch_threads: int,
+        flip_tta: bool = False,
+    ):
         import torch
 
         from unet_ray.checkpoint import load_model
@@ -225,6 +234,7 @@ class Predictor:
         self.model, cfg, _ = load_model(checkpoint, self.device)
         self.size, self.label_set, self.num_classes = cfg.data.image_size, cfg.data.classes, cfg.num_classes
         self.out, self.overlay, self.skip_existing = Path(out), overlay, skip_existing
+        self.flip_tta = flip_tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, k = len(batch["path"]), self.num_classes
@@ -267,11 +277,11 @@ class Predictor:
         """uint8 (N, S, S, 3) -> class ids (N, S, S) uint8; fp32 also on GPUs, as evaluate runs."""
         import torch
 
-        from unet_ray.engine import to_model_input
+        from unet_ray.engine import predict_logits, to_model_input
         from unet_ray.model import predict_classes
 
         with torch.inference_mode():
-            logits = self.model(to_model_input(torch.from_numpy(images), self.device))
+            logits = predict_logits(self.model, to_model_input(torch.from_numpy(images), self.device), self.flip_tta)
             return predict_classes(logits).to(torch.uint8).cpu().numpy()
 
     def _write(self, name: str, shape: tuple[int, int], pred: np.ndarray, photo: np.ndarray | None) -> None:
@@ -397,6 +407,7 @@ def predict(
     batch_size: int = 16,
     kind: str = "auto",
     skip_existing: bool = False,
+    flip_tta: bool = False,
     progress=print,
 ) -> dict[str, Any]:
     """Predict every input file into `out`; returns (and writes to out/summary.json) the summary.
@@ -450,6 +461,7 @@ def predict(
             "skip_existing": skip_existing,
             "device": "cuda" if gpu else "cpu",
             "torch_threads": threads,
+            "flip_tta": flip_tta,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -3,7 +3,8 @@
 Layout of a prepared folder:
     meta.json         format marker, image size, label set, class names, row counts, skipped files
     train/*.parquet   columns id (file stem), split, image (raw uint8 S*S*3), mask (raw uint8 S*S)
-    val/*.parquet
+    val/*.parquet     the same, plus mask_native (raw uint8 256*256: the mask at the pair's own
+                      resolution, for the native-size IoU users compare against)
     skipped.txt       files left out with --skip-bad-files, one "path: reason" per line
 
 Images are stored decoded, resized and with class ids already computed, so a training epoch only
@@ -22,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from unet_ray import palette
-from unet_ray.pairs import SPLITS, BadPairError, list_pairs, read_pair
+from unet_ray.pairs import PAIR_HEIGHT, SPLITS, BadPairError, list_pairs, read_pair
 from unet_ray.transforms import resize_pair
 
 META_FILE = "meta.json"
 SKIPPED_FILE = "skipped.txt"
-FORMAT = "unet_ray.prepared/1"
+FORMAT = "unet_ray.prepared/2"  # /2: val rows carry mask_native
+NATIVE_SIZE = PAIR_HEIGHT  # each half of a pair is 256x256
 # Ray Data tasks ask for a quarter CPU: on a 2-CPU machine they must still fit beside training
 # workers (a task asking for a whole CPU would wait forever once workers hold the CPUs).
 DATA_TASK_CPUS = 0.25
@@ -39,17 +41,19 @@ class DataError(ValueError):
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, label_set: str) -> dict[str, Any]:
     """map_batches function: pair paths -> prepared rows. A bad file gives a row with `error` set."""
-    ids, images, masks, errors = [], [], [], []
-    for path in batch["path"]:
+    ids, images, masks, native_masks, errors = [], [], [], [], []
+    for path, split in zip(batch["path"], batch["split"]):
         try:
             pair = read_pair(path)
             photo, train_ids = resize_pair(pair.photo, pair.train_ids, image_size)
             images.append(photo.tobytes())
             masks.append(palette.to_label_set(train_ids, label_set).tobytes())
+            native_masks.append(palette.to_label_set(pair.train_ids, label_set).tobytes() if split == "val" else b"")
             errors.append("")
         except BadPairError as e:
             images.append(b"")
             masks.append(b"")
+            native_masks.append(b"")
             errors.append(str(e))
         ids.append(Path(path).stem)
     return {
@@ -58,12 +62,14 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, label_set: str) 
         "path": batch["path"],
         "image": np.array(images, dtype=object),
         "mask": np.array(masks, dtype=object),
+        "mask_native": np.array(native_masks, dtype=object),
         "error": np.array(errors, dtype=object),
     }
 
 
 def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Prepared rows (an Arrow table or record batch) -> {"image": (N,S,S,3), "mask": (N,S,S)} uint8.
+    """Prepared rows (an Arrow table or record batch) -> {"image": (N,S,S,3), "mask": (N,S,S)} uint8,
+    and "mask_native" (N,256,256) when the rows have it (val).
 
     The arrays are read-only views of the Arrow buffers, not copies: for the full data set at
     256 px a per-row conversion would hold the 600 MB of pixels two or three times over.
@@ -71,6 +77,8 @@ def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> di
     import pyarrow as pa
 
     shapes = {"image": (image_size, image_size, 3), "mask": (image_size, image_size)}
+    if "mask_native" in rows.column_names:
+        shapes["mask_native"] = (NATIVE_SIZE, NATIVE_SIZE)
     arrays = {}
     for name, shape in shapes.items():
         column = rows.column(name)
@@ -101,7 +109,8 @@ def read_prepared_split(prepared: str | os.PathLike, split: str, image_size: int
 
     folder = Path(prepared) / split
     try:
-        table = pq.read_table(folder, columns=["image", "mask"])
+        columns = ["image", "mask"] + (["mask_native"] if split == "val" else [])
+        table = pq.read_table(folder, columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{folder}: cannot read the prepared Parquet files ({e}); prepare the data again") from None
     # A lost or truncated part file would otherwise train or score on fewer rows, silently.
@@ -173,6 +182,8 @@ def prepare(
     counts = {}
     for split in SPLITS:
         part = good.filter(expr=f"split == '{split}'")
+        if split != "val":
+            part = part.drop_columns(["mask_native"])
         counts[split] = part.count()
         if counts[split] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -184,6 +195,7 @@ def prepare(
         "format": FORMAT,
         "image_size": image_size,
         "classes": label_set,
+        "native_size": NATIVE_SIZE,
         "class_names": palette.class_names(label_set),
         "counts": counts,
         "skipped": len(bad),

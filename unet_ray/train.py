@@ -171,18 +171,28 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], run_name: str, storage: str, callbacks=()):
-    """The TorchTrainer for `cfg`; tune.py builds the same trainer inside each trial."""
+def build_trainer(
+    cfg: TrainConfig, datasets: dict[str, Any], meta: dict[str, Any], run_name: str, storage: str, callbacks=()
+):
+    """The TorchTrainer for `cfg` on prepared data described by `meta`; every Tune trial builds
+    it too, through `fit`."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from unet_ray.recipe import steps_per_epoch
     from unet_ray.worker import train_loop_per_worker
 
     res = plan_resources(cfg, ray.cluster_resources().get("CPU", 0))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "torch_threads": res.torch_threads},
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "torch_threads": res.torch_threads,
+            # the learning-rate schedule is planned in optimizer steps
+            "steps_per_epoch": steps_per_epoch(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size),
+            "native_masks": bool(meta.get("native_size")),
+        },
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
@@ -232,7 +242,7 @@ def fit(cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=
         f"label set {meta['classes']}"
     )
     datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers)
-    trainer = build_trainer(cfg, datasets, run_name, storage, [history_callback(run_dir), *callbacks])
+    trainer = build_trainer(cfg, datasets, meta, run_name, storage, [history_callback(run_dir), *callbacks])
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the user's message, not Ray's stack

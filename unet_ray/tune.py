@@ -32,6 +32,13 @@ SEARCHABLE = {
     "batch_size": "optim.batch_size",
     "depth": "model.depth",
     "base_channels": "model.base_channels",
+    "optimizer": "optim.optimizer",
+    "schedule": "optim.schedule",
+    "warmup_epochs": "optim.warmup_epochs",
+    "ema_decay": "optim.ema_decay",
+    "augment": "data.augment",
+    "block": "model.block",
+    "upsample": "model.upsample",
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 RUNS_DIR = "runs"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from unet_ray import checkpoint as ckpt_io
-from unet_ray import engine, jsonfile, metrics
+from unet_ray import engine, jsonfile, metrics, recipe
 from unet_ray.config import TrainConfig
 from unet_ray.model import build_model
 
@@ -30,7 +30,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
 
     state = None
     restored = ray.train.get_checkpoint()
@@ -53,16 +52,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model, cfg.num_classes)
-    if on_gpu:
+    bf16 = recipe.use_bf16(cfg.run.precision, device)
+    if bf16:  # channels_last is what makes bf16 convolutions fast, on GPUs and on CPUs alike
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)
     plain = getattr(model, "module", model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = recipe.build_optimizer(model.parameters(), cfg.optim)
+    schedule = recipe.StepSchedule(optimizer, cfg.optim, loop_config["steps_per_epoch"])
+    ema = recipe.build_ema(plain, cfg.optim.ema_decay)
+    validated = ema.module if ema is not None else plain  # what is validated, saved as "model", served
 
     best_iou, restored_from = float("-inf"), 0
     if state is not None:
-        plain.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        restore_training_state(state, plain, optimizer, schedule, ema)
         best_iou = state.get("best_val_iou", best_iou)
         restored_from = start_epoch
         if rank == 0:
@@ -76,25 +78,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer,
             device,
             dice_weight=cfg.optim.dice_weight,
-            mixed_precision=on_gpu,
-            channels_last=on_gpu,
+            mixed_precision=bf16,
+            channels_last=bf16,
+            scheduler=schedule,
+            ema=ema,
         )
-        # Every rank validates with rank 0's BatchNorm statistics, the ones the checkpoint holds:
-        # DDP copies them only at the start of a training forward, and each rank's last batch has
-        # moved its own copy since. Without this, N-worker IoU would not equal `evaluate`'s.
-        _broadcast_buffers_from_rank_0(plain)
+        # Every rank validates with rank 0's BatchNorm statistics (and EMA), the ones the
+        # checkpoint holds: DDP copies them only at the start of a training forward, and each
+        # rank's last batch has moved its own copy since. Without this, N-worker IoU would not
+        # equal `evaluate`'s.
+        _broadcast_buffers_from_rank_0(validated)
         # Evaluate the unwrapped module: val shards may differ in batch count between workers, and
         # a DDP forward could wait on a collective that the other rank never joins.
         confusion = engine.evaluate(
-            plain,
+            validated,
             val_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2),
             cfg.num_classes,
             device,
-            mixed_precision=on_gpu,
-            channels_last=on_gpu,
+            # fp32 on CPUs: validation is a small share of an epoch there, and its IoU then equals
+            # what `unet-ray evaluate` (fp32, one process) computes from the checkpoint
+            mixed_precision=bf16 and device.type == "cuda",
+            channels_last=bf16,
+            native=loop_config.get("native_masks", False),
         )
-        confusion.all_reduce()
-        scores = confusion.compute()
+        for matrix in confusion.values():
+            matrix.all_reduce()
+        scores = confusion["train_size"].compute()
+        native = {}
+        if "native" in confusion:  # the IoU at the pairs' own 256x256 masks, logits upsampled
+            native_scores = confusion["native"].compute()
+            native = {
+                "val_iou_native": metrics.headline(native_scores, cfg.num_classes)["val_iou"],
+                "val_miou_native": native_scores["miou"],
+                "val_iou_per_class_native": jsonfile.json_ready(native_scores["iou_per_class"]),
+            }
         images, seconds, loss = _all_reduce_train_stats(stats, device)
         report = {
             "epoch": epoch,
@@ -102,8 +119,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "val_miou": scores["miou"],
             "val_pixel_accuracy": scores["pixel_accuracy"],
             "val_iou_per_class": jsonfile.json_ready(scores["iou_per_class"]),  # None: class absent
-            "val_pixels": int(confusion.mat.sum()),
+            "val_pixels": int(confusion["train_size"].mat.sum()),
+            **native,
             "train_loss": loss,
+            "lr": schedule.get_last_lr(),  # after the epoch's last step
             "images_per_s": images / seconds if seconds > 0 else 0.0,
             "epoch_seconds": time.perf_counter() - epoch_start,
             "epoch_started_at": epoch_started_at,  # unix time; with first_step_s, when training began
@@ -123,8 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt_io.save_state(
                     tmp,
                     {
-                        "model": plain.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        **training_state(plain, optimizer, schedule, ema),
                         "epoch": epoch,
                         "best_val_iou": best_iou,
                         "metrics": {k: v for k, v in report.items() if not isinstance(v, list)},
@@ -139,6 +157,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     flush=True,
                 )
             ray.train.report(report, checkpoint=checkpoint)
+
+
+def training_state(plain, optimizer, schedule, ema) -> dict[str, Any]:
+    """What a checkpoint holds to serve the model and to resume exactly. "model" is what is
+    validated and served (the EMA weights when there is an EMA); "train_model" the raw weights
+    that training continues from; then optimizer, schedule and EMA counters."""
+    state = {
+        "model": (ema.module if ema is not None else plain).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+    }
+    if ema is not None:
+        state["train_model"] = plain.state_dict()
+        state["ema_updates"] = int(ema.n_averaged)
+    return state
+
+
+def restore_training_state(state: dict[str, Any], plain, optimizer, schedule, ema) -> None:
+    """The inverse of training_state: the next step continues as if the run had not stopped."""
+    plain.load_state_dict(state.get("train_model", state["model"]))
+    optimizer.load_state_dict(state["optimizer"])
+    if "scheduler" in state:
+        schedule.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.module.load_state_dict(state["model"] if "train_model" in state else plain.state_dict())
+        ema.n_averaged.fill_(state.get("ema_updates", 0))
 
 
 def shuffled_batches(shard: Any, batch_size: int) -> Iterable[Any]:

@@ -1,0 +1,200 @@
+"""Model quality benchmark: the old default recipe against today's defaults, on one fixed split
+of real pairs, with several seeds each, through `unet-ray train` as users run it.
+
+    python -m benchmarks.run --quality --real-data DIR [--out D] [--train-pairs N] [--seeds 2]
+        [--classes road cityscapes19] [--old-epochs E] [--new-epochs E]
+
+DIR is a folder of pair JPEGs named 1.jpg ... N.jpg (the data set's train/ folder). The split is
+fixed: the last VAL_PAIRS files by number are validation, never trained or tuned on; training
+takes the first --train-pairs of the rest (all by default). Every run is a fresh `unet-ray train`
+process (its own local Ray), timed from launch to exit. Reported per recipe: mean and spread over
+seeds of the last epoch's and the best epoch's val IoU (road IoU or 19-class mIoU), at the training
+size and at the pairs' native 256x256 masks, and the wall time. Writes DIR_OUT/quality.json and .md.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VAL_PAIRS = 375  # files 2601-2975 of the 2975 Cityscapes training pairs
+# The defaults of unet_ray before the recipe work (issue 13), spelled out so that the benchmark
+# keeps measuring them after the defaults change.
+OLD_RECIPE: dict[str, dict[str, Any]] = {
+    "data": {"augment": "medium"},
+    "model": {"block": "plain", "upsample": "transpose", "depth": 4, "base_channels": 16},
+    "optim": {
+        "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
+        "ema_decay": 0.0, "batch_size": 16, "dice_weight": 0.0,
+    },
+    "run": {"precision": "fp32"},
+}  # fmt: skip
+NEW_RECIPE: dict[str, dict[str, Any]] = {}  # today's defaults: whatever `unet-ray train` does without flags
+
+
+def log(message: str) -> None:
+    print(f"[quality] {message}", file=sys.stderr, flush=True)
+
+
+def fixed_split(source: Path, target: Path, train_pairs: int | None, val_pairs: int = VAL_PAIRS) -> Path:
+    """train/ and val/ of symlinks: val = the last `val_pairs` files by number, train = the first
+    `train_pairs` of the others (all when None)."""
+    files = sorted(source.glob("*.jpg"), key=lambda p: (int(p.stem) if p.stem.isdigit() else float("inf"), p.name))
+    if len(files) <= val_pairs:
+        raise SystemExit(f"{source}: {len(files)} pair JPEGs; the fixed split needs more than {val_pairs}")
+    train, val = files[:-val_pairs], files[-val_pairs:]
+    if train_pairs is not None:
+        train = train[:train_pairs]
+    for split, chunk in (("train", train), ("val", val)):
+        folder = target / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in chunk:
+            link = folder / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return target
+
+
+def train_once(
+    recipe: dict[str, Any], data: Path, storage: Path, name: str, classes: str, epochs: int, seed: int, timeout_s: float
+) -> dict[str, Any]:
+    """One `unet-ray train` run of `recipe`; its history's last and best epochs and its wall time."""
+    config = {section: dict(values) for section, values in recipe.items()}
+    config.setdefault("data", {}).update({"path": str(data), "classes": classes})
+    config.setdefault("optim", {})["epochs"] = epochs
+    config.setdefault("run", {}).update({"seed": seed, "storage_path": str(storage), "name": name, "max_failures": 0})
+    config_file = storage / f"{name}.yaml"
+    storage.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(config))
+    start = time.perf_counter()
+    done = subprocess.run(
+        ["unet-ray", "train", "--config", str(config_file)], capture_output=True, text=True, timeout=timeout_s
+    )
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    history = [json.loads(line) for line in (storage / name / "history.jsonl").read_text().splitlines() if line]
+    last = history[-1]
+    best = max(history, key=lambda row: row["val_iou"])
+    return {
+        "seed": seed,
+        "epochs": epochs,
+        "wall_s": wall,
+        "last": _figures(last),
+        "best": _figures(best),
+        "best_epoch": best["epoch"],
+        "val_iou_by_epoch": [row["val_iou"] for row in history],
+    }
+
+
+def _figures(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "val_iou": row["val_iou"],
+        "val_iou_native": row.get("val_iou_native"),
+        "val_pixel_accuracy": row["val_pixel_accuracy"],
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread (max - min) over seeds of each figure."""
+
+    def stat(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "spread": max(values) - min(values), "values": values}
+
+    out: dict[str, Any] = {"wall_s": stat([r["wall_s"] for r in runs])}
+    for which in ("last", "best"):
+        for key in ("val_iou", "val_iou_native"):
+            values = [r[which][key] for r in runs if r[which][key] is not None]
+            if values:
+                out[f"{which}_{key}"] = stat(values)
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Quality benchmark, {result['timestamp']}, {result['machine']}: {result['train_pairs']} train pairs, "
+        f"{result['val_pairs']} val pairs (files {result['val_files']}, never tuned on), 128 px, "
+        f"{result['seeds']} seeds per row; mean ± spread (max - min).",
+        "",
+        "| label set | recipe | epochs | wall time | last epoch IoU | last, native 256 px | best epoch IoU | best, native |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(summary: dict[str, Any], key: str, digits: int = 3) -> str:
+        if key not in summary:
+            return "—"
+        return f"{summary[key]['mean']:.{digits}f} ± {summary[key]['spread']:.{digits}f}"
+
+    for classes, recipes in result["results"].items():
+        for recipe, row in recipes.items():
+            s = row["summary"]
+            wall = s["wall_s"]
+            lines.append(
+                f"| {classes} | {recipe} | {row['epochs']} | {wall['mean'] / 60:.1f} min | {cell(s, 'last_val_iou')} | "
+                f"{cell(s, 'last_val_iou_native')} | {cell(s, 'best_val_iou')} | {cell(s, 'best_val_iou_native')} |"
+            )
+    lines.append("")
+    lines.append("IoU: road IoU for `road`, mean IoU over the 19 classes for `cityscapes19`.")
+    return "\n".join(lines) + "\n"
+
+
+def run_quality(args, out: Path, machine: str) -> int:
+    source = Path(args.real_data).expanduser()
+    work = out / "quality_work"
+    data = fixed_split(source, work / "pairs", args.train_pairs)
+    n_train = len(list((data / "train").iterdir()))
+    files = sorted((data / "val").iterdir(), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+    result: dict[str, Any] = {
+        "machine": machine,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_pairs": n_train,
+        "val_pairs": len(files),
+        "val_files": f"{files[0].name}-{files[-1].name}",
+        "seeds": args.seeds,
+        "results": {},
+    }
+    recipes = {"old defaults": (OLD_RECIPE, args.old_epochs), "new defaults": (NEW_RECIPE, args.new_epochs)}
+    for classes in args.classes:
+        prepared = work / f"prepared_{classes}"
+        if not (prepared / "meta.json").is_file():
+            log(f"preparing {data} for {classes}")
+            subprocess.run(
+                ["unet-ray", "prepare", "--src", str(data), "--out", str(prepared), "--classes", classes],
+                check=True, capture_output=True, text=True,
+            )
+        result["results"][classes] = {}
+        for label, (recipe, epochs) in recipes.items():
+            runs = []
+            for seed in range(args.seeds):
+                name = f"{classes}_{label.split()[0]}_s{seed}"
+                log(f"{name}: {epochs} epochs")
+                run = train_once(recipe, prepared, work / "runs", name, classes, epochs, seed, args.run_timeout_s)
+                log(f"{name}: last {run['last']['val_iou']:.4f} (native {run['last']['val_iou_native']}), {run['wall_s']:.0f}s")
+                runs.append(run)
+            result["results"][classes][label] = {"epochs": epochs, "runs": runs, "summary": summarize(runs)}
+            (out / "quality.json").write_text(json.dumps(result, indent=2))  # partial results survive a stop
+    table = markdown(result)
+    (out / "quality.md").write_text(table)
+    print(table)
+    return 0
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("--quality")
+    group.add_argument("--quality", action="store_true", help="model quality: old vs new default recipe on --real-data")
+    group.add_argument("--train-pairs", type=int, help="train on the first N pairs of the split (default: all)")
+    group.add_argument("--seeds", type=int, default=2)
+    group.add_argument("--classes", nargs="+", default=["road"], choices=["road", "cityscapes19"])
+    group.add_argument("--old-epochs", type=int, default=8)
+    group.add_argument("--new-epochs", type=int, default=8)
+    group.add_argument("--run-timeout-s", type=float, default=3600)
+
+
+__all__ = ["OLD_RECIPE", "add_arguments", "fixed_split", "run_quality"]
