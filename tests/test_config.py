@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +248,19 @@ def test_flag_combination_validated():
     args = cli.build_parser().parse_args(["train", "--image-size", "64", "--depth", "6"])
     with pytest.raises(ConfigError, match="model.depth"):
         cli.config_from_args(args)
+
+
+def test_example_yaml_documents_every_key_with_its_default():
+    """tune_configs/example.yaml is the reference of every key: it must list each one, with the
+    default `unet-ray train` uses (the run's name is the example's own)."""
+    import yaml
+
+    from unet_ray.config import TrainConfig
+
+    example = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_configs" / "example.yaml").read_text())
+    defaults = TrainConfig().to_dict()
+    for section in TrainConfig.SECTIONS:
+        assert set(example[section]) == set(defaults[section]), section
+        for key, value in defaults[section].items():
+            if (section, key) != ("run", "name"):
+                assert example[section][key] == value, f"{section}.{key}: example says {example[section][key]!r}, default is {value!r}"

@@ -185,6 +185,10 @@ def test_sweep_interrupted_then_resumed(tmp_path):
 
     evaluated = evaluate_checkpoint(experiment, best["prepared"])
     assert evaluated["val_iou"] == pytest.approx(best["val_iou"], abs=1e-6)
+    # smoke.yaml's best trial has learned the scenes: not "road everywhere" (whose road IoU is the
+    # share of road pixels, ~0.3, and whose IoU of everything else is 0)
+    assert best["val_iou"] >= 0.6, reported
+    assert evaluated["val_iou_per_class"]["rest"] >= 0.6 and evaluated["val_pixel_accuracy"] >= 0.8, evaluated
 
     # TensorBoard can read the sweep
     assert list(experiment.glob("*/events.out.tfevents.*"))
