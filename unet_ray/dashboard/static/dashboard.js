@@ -58,6 +58,7 @@
     document.title = (run ? "Training run: " : "Tune results: ") + state.name;
     document.getElementById("best-heading").textContent = run ? "Best epoch" : "Best trial";
     document.getElementById("trials-heading").textContent = run ? "Run" : "Trials";
+    if (run) document.getElementById("table-hint").textContent = "Epochs and IoU come from the run's history.jsonl.";
     document.getElementById("charts-heading").textContent = run ? "Learning curves and IoU per class" : "Learning curves and search space";
     document.getElementById("predictions-heading").textContent =
       (run ? "Best checkpoint's" : "Best trial's") + " predictions on validation pairs";
