@@ -114,11 +114,14 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
         assert len(per_class) == 19 and None in per_class and present  # synthetic scenes lack most classes
         assert row["val_iou"] == pytest.approx(sum(present) / len(present)) == pytest.approx(row["val_miou"])
     assert best["checkpoint"] == summary["checkpoint"]
-    assert printed[-2] == (
-        f"done: best val_iou {best['metrics']['val_iou']:.4f} at epoch {best['metrics']['epoch']} "
-        f"(pixel accuracy {best['metrics']['val_pixel_accuracy']:.4f}); best checkpoint: {summary['checkpoint']}"
+    done = next(line for line in printed if line.startswith("done in "))
+    assert done.endswith(
+        f": best val_iou {best['metrics']['val_iou']:.4f} at epoch {best['metrics']['epoch']} "
+        f"(pixel accuracy {best['metrics']['val_pixel_accuracy']:.4f})"
     )
-    assert printed[-1] == f"summary: {run_dir / 'best.json'}"
+    assert f"best checkpoint {summary['checkpoint']}" in next(line for line in printed if line.startswith("run folder: "))
+    assert f"report: {run_dir / 'report.html'}  " in "\n".join(printed)  # the run's page, 19 classes
+    assert printed[-1] == f"  unet-ray dashboard --results {run_dir}"
 
 
 def test_prepared_data_for_another_label_set_is_refused(trained):
