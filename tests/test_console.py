@@ -94,6 +94,25 @@ def test_next_commands_name_the_real_paths(tmp_path):
     assert f"--input {pairs}/val " in "\n".join(console.next_commands(run, str(pairs), None))
 
 
+def test_tune_prints_one_line_per_trial_event():
+    from types import SimpleNamespace
+
+    printed: list[str] = []
+    lines = console.trial_lines(3, printer=lambda line, **_: printed.append(line))
+    trial = SimpleNamespace(trial_id="a1_00000", config={"lr": 0.00123, "depth": 3}, last_result={}, local_path="/x/t")
+    lines.on_trial_start(0, [trial], trial)
+    lines.on_trial_result(1, [trial], trial, {"epoch": 1, "val_iou": 0.5, "train_loss": 0.25})
+    trial.last_result = {"epoch": 1}
+    lines.on_trial_complete(2, [trial], trial)
+    lines.on_trial_error(3, [trial], trial)
+    assert printed == [
+        "tune: trial a1_00000 started  lr=0.00123 depth=3",
+        "tune: trial a1_00000 epoch 1/3  val_iou 0.5000  loss 0.2500",
+        "tune: trial a1_00000 stopped early by the scheduler after epoch 1",
+        "tune: trial a1_00000 errored (its error is in /x/t/error.txt)",
+    ]
+
+
 def _run_folder(tmp_path: Path, ious: list[float]) -> Path:
     run = tmp_path / "unet"
     run.mkdir()
