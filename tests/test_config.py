@@ -19,7 +19,7 @@ def _yaml(tmp_path, text, name="cfg.yaml"):
 def test_defaults_validate():
     cfg = TrainConfig().validate()
     assert cfg.num_classes == 2
-    assert cfg.optim.lr == 1e-3
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adamw", 2e-3, "cosine")
     # round trip through a plain dict
     assert TrainConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
     assert cfg.run.max_failures > 0  # a killed worker restarts from the latest checkpoint by default
@@ -58,7 +58,7 @@ def test_merge_does_not_modify_its_input():
     base = TrainConfig()
     merged = merge(base, {"optim": {"lr": 0.5}, "model.depth": 3}, "test")
     assert merged.optim.lr == 0.5 and merged.model.depth == 3
-    assert base.optim.lr == 1e-3 and base.model.depth == 4
+    assert base.optim.lr == TrainConfig().optim.lr and base.model.depth == 4
 
 
 def _raises(values, *fragments, check_paths=True):

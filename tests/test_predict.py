@@ -54,7 +54,8 @@ def city_checkpoint(tmp_path_factory):
     """A 64px cityscapes19 checkpoint, untrained but with a head scaled up so that its predictions
     on a random photo hold many classes (a fresh head predicts one class everywhere)."""
     cfg = TrainConfig.from_dict(
-        {"data": {"image_size": 64, "classes": "cityscapes19"}, "model": {"depth": 2, "base_channels": 4}}
+        {"data": {"image_size": 64, "classes": "cityscapes19"},
+         "model": {"depth": 2, "base_channels": 4, "block": "plain", "upsample": "transpose"}}
     ).validate()
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.num_classes)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from unet_ray import checkpoint, engine, recipe, worker
+from unet_ray.data import steps_per_epoch
 from unet_ray.model import UNet
 
 LR = 0.1
@@ -76,8 +77,8 @@ def test_optimizers():
 
 def test_steps_per_epoch_matches_an_equal_split():
     # 101 rows over 2 workers: 50 each (one row dropped); batches of 16 -> 4 steps (16+16+16+2)
-    assert recipe.steps_per_epoch(101, 2, 16) == 4
-    assert recipe.steps_per_epoch(96, 2, 16) == 3
+    assert steps_per_epoch(101, 2, 16) == 4
+    assert steps_per_epoch(96, 2, 16) == 3
 
 
 def _batches(n_batches: int, seed: int = 0, size: int = 16):

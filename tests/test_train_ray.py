@@ -11,6 +11,7 @@ import pytest
 
 from unet_ray import checkpoint as ckpt_io
 from unet_ray import recipe
+from unet_ray.data import steps_per_epoch
 from unet_ray.config import TrainConfig
 from unet_ray.evaluate import evaluate_checkpoint
 from unet_ray.prepare import DataError
@@ -35,7 +36,7 @@ def planned_lrs(cfg: TrainConfig, epochs: int) -> list[float]:
     """The learning rate after each epoch's last step, as recipe.StepSchedule plans it."""
     import torch
 
-    steps = recipe.steps_per_epoch(cfg.data.synth_train, cfg.run.workers, cfg.optim.batch_size)
+    steps = steps_per_epoch(cfg.data.synth_train, cfg.run.workers, cfg.optim.batch_size)
     optimizer = recipe.build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim)
     schedule = recipe.StepSchedule(optimizer, cfg.optim, steps)
     out = []
@@ -139,11 +140,14 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
         assert len(per_class) == 19 and None in per_class and present  # synthetic scenes lack most classes
         assert row["val_iou"] == pytest.approx(sum(present) / len(present)) == pytest.approx(row["val_miou"])
     assert best["checkpoint"] == summary["checkpoint"]
-    assert printed[-2] == (
-        f"done: best val_iou {best['metrics']['val_iou']:.4f} at epoch {best['metrics']['epoch']} "
-        f"(pixel accuracy {best['metrics']['val_pixel_accuracy']:.4f}); best checkpoint: {summary['checkpoint']}"
+    done = next(line for line in printed if line.startswith("done in "))
+    assert done.endswith(
+        f": best val_iou {best['metrics']['val_iou']:.4f} at epoch {best['metrics']['epoch']} "
+        f"(pixel accuracy {best['metrics']['val_pixel_accuracy']:.4f})"
     )
-    assert printed[-1] == f"summary: {run_dir / 'best.json'}"
+    assert f"best checkpoint {summary['checkpoint']}" in next(line for line in printed if line.startswith("run folder: "))
+    assert f"report: {run_dir / 'report.html'}  " in "\n".join(printed)  # the run's page, 19 classes
+    assert printed[-1] == f"  unet-ray dashboard --results {run_dir}"
 
 
 def test_prepared_data_for_another_label_set_is_refused(trained):

@@ -16,8 +16,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--classes": ("data.classes", str, "label set: road (binary) or cityscapes19"),
     "--workers": ("run.workers", int, "training workers (default 2)"),
     "--cpus-per-worker": ("run.cpus_per_worker", float, "CPUs per worker (default: worked out from the cluster)"),
-    "--epochs": ("optim.epochs", int, "epochs (default 10)"),
-    "--batch-size": ("optim.batch_size", int, "batch size per worker (default 16)"),
+    "--epochs": ("optim.epochs", int, "epochs"),
+    "--batch-size": ("optim.batch_size", int, "batch size per worker"),
     "--lr": ("optim.lr", float, "peak learning rate"),
     "--weight-decay": ("optim.weight_decay", float, "weight decay (decoupled with adamw)"),
     "--optimizer": ("optim.optimizer", str, "adam, adamw or sgd (Nesterov momentum)"),
@@ -28,9 +28,9 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--block": ("model.block", str, "UNet block: plain or residual"),
     "--upsample": ("model.upsample", str, "UNet upsampling: transpose or bilinear"),
     "--precision": ("run.precision", str, "auto (bf16 on GPUs and bf16-capable CPUs), fp32 or bf16"),
-    "--dice-weight": ("optim.dice_weight", float, "weight of the soft-Dice loss term (default 0)"),
-    "--depth": ("model.depth", int, "UNet depth: number of 2x down-samplings (default 4)"),
-    "--base-channels": ("model.base_channels", int, "channels of the first UNet level (default 16)"),
+    "--dice-weight": ("optim.dice_weight", float, "weight of the soft-Dice loss term"),
+    "--depth": ("model.depth", int, "UNet depth: number of 2x down-samplings"),
+    "--base-channels": ("model.base_channels", int, "channels of the first UNet level"),
     "--storage-path": ("run.storage_path", str, "where runs, checkpoints and prepared data go (local path, NFS, s3://)"),
     "--name": ("run.name", str, "run name; re-running the same storage path and name resumes"),
     "--seed": ("run.seed", int, "seed for weights and synthetic data (default 0)"),
@@ -283,21 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "dashboard",
-        help="web page of a Tune sweep (trials, curves, search space, best predictions), live while it runs",
-        description="Serve a page over a sweep's experiment folder (<storage>/<name> of `unet-ray tune`) that "
-        "refreshes itself while the sweep runs. Binds to 127.0.0.1 unless --host says otherwise.",
+        help="web page of a Tune sweep or a train run (curves, IoU, best predictions), live while it runs",
+        description="Serve a page over a sweep's experiment folder (<storage>/<name> of `unet-ray tune`) or a "
+        "train run's folder (<storage>/<name> of `unet-ray train`) that refreshes itself while it runs. Binds "
+        "to 127.0.0.1 unless --host says otherwise.",
     )
-    p.add_argument("--results", required=True, metavar="EXPERIMENT_DIR", help="the sweep's folder, e.g. ~/unet_ray_results/smoke")
+    p.add_argument("--results", required=True, metavar="RESULTS_DIR", help="the sweep's or the run's folder, e.g. ~/unet_ray_results/smoke")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
     p.add_argument("--refresh", type=float, default=3.0, help="seconds between the page's updates (default 3)")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("report", help="the dashboard of a sweep as one self-contained HTML file (no network needed)")
-    p.add_argument("--results", required=True, metavar="EXPERIMENT_DIR", help="the sweep's folder, e.g. ~/unet_ray_results/smoke")
+    p = sub.add_parser("report", help="the dashboard of a sweep or a train run as one self-contained HTML file (no network needed)")
+    p.add_argument("--results", required=True, metavar="RESULTS_DIR", help="the sweep's or the train run's folder, e.g. ~/unet_ray_results/smoke")
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     p.set_defaults(func=cmd_report)
+
+    for name in RAY_COMMANDS:
+        sub.choices[name].add_argument(
+            "-v", "--verbose", action="store_true",
+            help="show everything Ray says (its INFO lines, execution plans, per-report dumps); default: a quiet console",
+        )
     return parser
+
+
+# Subcommands that start or join Ray: they take -v/--verbose.
+RAY_COMMANDS = ("prepare", "train", "tune", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     from unet_ray.prepare import DataError
 
     args = build_parser().parse_args(argv)
+    if args.command in RAY_COMMANDS:
+        from unet_ray import console
+
+        console.setup(args.verbose)  # before Ray is imported: see console.py
     known = (ConfigError, DataError, CheckpointError, BadPairError, FileNotFoundError, PermissionError)
     try:
         return args.func(args)

@@ -39,7 +39,7 @@ class DataSection:
     path: str | None = None  # pairs folder or prepared folder; None trains on built-in synthetic pairs
     image_size: int = 128
     classes: str = "road"  # "road" (binary, as in the tutorial) or "cityscapes19"
-    augment: str = "medium"  # preset: none, light, medium, strong (transforms.AUGMENT_PRESETS); true = medium
+    augment: str = "light"  # preset: none, light, medium, strong (transforms.AUGMENT_PRESETS); true = medium
     skip_bad_files: bool = False
     synth_train: int = 96  # size of the built-in synthetic data set
     synth_val: int = 32
@@ -50,21 +50,21 @@ class ModelSection:
     depth: int = 4  # number of 2x down-samplings
     base_channels: int = 16
     batch_norm: bool = True
-    block: str = "plain"  # "plain": two 3x3 convs per level; "residual": the same with an identity shortcut
-    upsample: str = "transpose"  # "transpose": 2x2 transposed conv; "bilinear": bilinear 2x, then a 1x1 conv
+    block: str = "residual"  # "plain": two 3x3 convs per level; "residual": the same with an identity shortcut
+    upsample: str = "bilinear"  # "transpose": 2x2 transposed conv; "bilinear": bilinear 2x, then a 1x1 conv
 
 
 @dataclass
 class OptimSection:
     epochs: int = 10
-    batch_size: int = 16  # per worker
-    lr: float = 1e-3  # peak learning rate (after warmup)
-    weight_decay: float = 0.0
+    batch_size: int = 8  # per worker
+    lr: float = 2e-3  # peak learning rate (after warmup)
+    weight_decay: float = 1e-4
     dice_weight: float = 0.0  # weight of the soft-Dice term added to BCE / CE
-    optimizer: str = "adam"  # adam, adamw, sgd (momentum + Nesterov)
+    optimizer: str = "adamw"  # adam, adamw, sgd (momentum + Nesterov)
     momentum: float = 0.9  # sgd only
-    schedule: str = "constant"  # learning rate per iteration: constant, cosine, poly, onecycle (recipe.py)
-    warmup_epochs: float = 0.0  # linear warmup from lr/100, in epochs (fractions allowed); onecycle warms up by itself
+    schedule: str = "cosine"  # learning rate per iteration: constant, cosine, poly, onecycle (recipe.py)
+    warmup_epochs: float = 0.5  # linear warmup from lr/100, in epochs (fractions allowed); onecycle warms up by itself
     ema_decay: float = 0.0  # exponential moving average of the weights per step; 0 = off. EMA weights are validated and saved
 
 

@@ -97,6 +97,13 @@ def build_datasets(prepared: str | Path, image_size: int, augment: str | bool, w
     return datasets
 
 
+def steps_per_epoch(train_rows: int, workers: int, batch_size: int) -> int:
+    """Optimizer steps per epoch on each worker: the train split is divided equally among workers
+    (rows that do not divide are dropped: DDP needs the same step count everywhere), the last
+    batch of a worker may be partial."""
+    return max(1, math.ceil((train_rows // max(workers, 1)) / batch_size))
+
+
 def _block_count(rows: int, cpus: int) -> int:
     """As many blocks as CPUs, but none smaller than one Ray Data batch."""
     return max(1, min(cpus, math.ceil(rows / BATCH_ROWS)))

@@ -7,7 +7,6 @@ piece is torch.optim / torch.optim.lr_scheduler / torch.optim.swa_utils, configu
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,6 @@ def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0, weight_decay=o.weight_decay)
     raise ValueError(f"unknown optimizer {o.optimizer!r}")
-
-
-def steps_per_epoch(train_rows: int, workers: int, batch_size: int) -> int:
-    """Optimizer steps per epoch on each worker: the train split is divided equally among workers
-    (rows that do not divide are dropped: DDP needs the same step count everywhere), the last
-    batch of a worker may be partial."""
-    return max(1, math.ceil((train_rows // max(workers, 1)) / batch_size))
 
 
 class StepSchedule:

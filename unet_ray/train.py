@@ -57,7 +57,11 @@ def ensure_ray(progress=print) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if address:
-        ray.init(**kwargs)
+        from unet_ray import console
+
+        # A joined cluster's processes do not inherit this environment: the console settings
+        # (console.py) go to them through the job's runtime_env.
+        ray.init(runtime_env={"env_vars": console.runtime_env_vars()}, **kwargs)
         progress(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
     else:
         # Ray kills idle task workers beyond one per CPU. Our quarter-CPU data tasks then start a
@@ -69,8 +73,14 @@ def ensure_ray(progress=print) -> None:
         # runtime_env), and Ray Train's watcher for preempted cloud nodes (a local Ray has none).
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        from unet_ray import console
+
+        console.quiet_driver_notices()
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
-        progress(f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs")
+        progress(
+            f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs "
+            "(token authentication on)"
+        )
 
 
 def _keep_ray_on_loopback() -> None:
@@ -126,6 +136,7 @@ def _val_unequal_data_config():
     materialized and never changes: its blocks are divided among the workers once, with no
     coordinator actor to start (one process fewer at start-up) and none to run every epoch.
     """
+    import ray.data
     import ray.train
     from ray.data.dataset import MaterializedDataset
 
@@ -144,7 +155,9 @@ def _val_unequal_data_config():
                     output[i][name] = it
             return output
 
-    return SplitValUnequally()
+    # Explicit ingest options (the defaults): Ray Train's own defaults set a deprecated field and
+    # the dataset manager warned about it on every run.
+    return SplitValUnequally(execution_options=ray.data.ExecutionOptions())
 
 
 HISTORY_FILE = "history.jsonl"
@@ -172,15 +185,23 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def build_trainer(
-    cfg: TrainConfig, datasets: dict[str, Any], meta: dict[str, Any], run_name: str, storage: str, callbacks=()
+    cfg: TrainConfig,
+    datasets: dict[str, Any],
+    meta: dict[str, Any],
+    run_name: str,
+    storage: str,
+    callbacks=(),
+    console=None,
 ):
     """The TorchTrainer for `cfg` on prepared data described by `meta`; every Tune trial builds
-    it too, through `fit`."""
+    it too, through `fit`. `console`: what rank 0 prints (console.worker_settings); None prints
+    epoch lines only."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from unet_ray.recipe import steps_per_epoch
+    from unet_ray import console as console_io
+    from unet_ray.data import steps_per_epoch
     from unet_ray.worker import train_loop_per_worker
 
     res = plan_resources(cfg, ray.cluster_resources().get("CPU", 0))
@@ -192,6 +213,7 @@ def build_trainer(
             # the learning-rate schedule is planned in optimizer steps
             "steps_per_epoch": steps_per_epoch(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size),
             "native_masks": bool(meta.get("native_size")),
+            "console": console,
         },
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -207,6 +229,7 @@ def build_trainer(
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=list(callbacks),
+            logging_config=console_io.train_logging_config(),
         ),
         datasets=datasets,
         dataset_config=_val_unequal_data_config(),
@@ -222,11 +245,14 @@ def run_dir_of(cfg: TrainConfig) -> Path:
     return Path(storage) / cfg.run.name
 
 
-def fit(cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=(), progress=print) -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=(), progress=print, worker_lines: bool = True
+) -> dict[str, Any]:
     """Prepare data, train, and return the summary (best checkpoint and its metrics).
 
     Shared by `unet-ray train` and every Tune trial. Re-running with the same storage and name
     resumes from the latest checkpoint (Ray Train restores the run's checkpoint state).
+    `worker_lines=False` (Tune trials) keeps the workers from printing progress and epoch lines.
     """
     from ray.data import DataContext
 
@@ -242,7 +268,12 @@ def fit(cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=
         f"label set {meta['classes']}"
     )
     datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers)
-    trainer = build_trainer(cfg, datasets, meta, run_name, storage, [history_callback(run_dir), *callbacks])
+    from unet_ray.console import worker_settings
+
+    settings = worker_settings(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size, lines=worker_lines)
+    trainer = build_trainer(
+        cfg, datasets, meta, run_name, storage, [history_callback(run_dir), *callbacks], console=settings
+    )
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the user's message, not Ray's stack
@@ -284,13 +315,11 @@ def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
 
     cfg.validate()
     check_source(cfg)  # bad data is a clear error before any Ray work
+    from unet_ray.console import finish_train
+
+    started = time.perf_counter()
     ensure_ray(progress)
     run_dir = run_dir_of(cfg)
     summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress)
-    m = summary["metrics"]
-    progress(
-        f"done: best val_iou {m['val_iou']:.4f} at epoch {m['epoch']} "
-        f"(pixel accuracy {m['val_pixel_accuracy']:.4f}); best checkpoint: {summary['checkpoint']}"
-    )
-    progress(f"summary: {run_dir / BEST_FILE}")
+    finish_train(summary, run_dir, cfg.data.path, time.perf_counter() - started, progress)
     return summary

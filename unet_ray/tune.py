@@ -13,7 +13,6 @@ Layout under <storage>/<name>/ (Tune's experiment folder):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import typing
@@ -171,6 +170,7 @@ def make_trainable(base: dict[str, Any], prepared: str, experiment: str):
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from unet_ray.console import is_verbose
         from unet_ray.train import fit, read_history
 
         trial_id = tune.get_context().get_trial_id()
@@ -184,7 +184,9 @@ def make_trainable(base: dict[str, Any], prepared: str, experiment: str):
             tune.report(finished)
             return
         # Same (storage, name) on a resumed trial: Ray Train restores its latest checkpoint.
-        fit(cfg, trial_id, str(runs), runs / trial_id, callbacks=[TuneReportCallback()], progress=lambda *_: None)
+        # The workers stay silent unless --verbose: the sweep's driver prints each trial's events.
+        fit(cfg, trial_id, str(runs), runs / trial_id, callbacks=[TuneReportCallback()], progress=lambda *_: None,
+            worker_lines=is_verbose())
 
     return run_trial
 
@@ -215,6 +217,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
     import ray
     from ray import tune
 
+    from unet_ray import console
     from unet_ray.data import check_source, resolve_prepared
     from unet_ray.train import ensure_ray
 
@@ -252,10 +255,17 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
                 search_alg=_searcher(sweep, concurrency),
                 # the scheduler and searcher know metric and mode; TuneConfig must not repeat them
             ),
-            run_config=tune.RunConfig(name=base.run.name, storage_path=storage, verbose=1),
+            # quiet: one line per trial event (console.trial_lines) instead of Tune's status tables
+            run_config=tune.RunConfig(
+                name=base.run.name, storage_path=storage, verbose=1 if console.is_verbose() else 0,
+                callbacks=[console.trial_lines(base.optim.epochs, progress)],
+            ),
         )
     results = tuner.fit()
-    return summarize_sweep(results, experiment, progress)
+    summary = summarize_sweep(results, experiment, progress)
+    for line in console.next_commands(experiment, base.data.path, None):
+        progress(line)
+    return summary
 
 
 def _scheduler(sweep: SweepConfig):
@@ -290,6 +300,7 @@ def _searcher(sweep: SweepConfig, max_concurrent: int):
 
 def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]:
     """Table of trials by best val_iou; best.json with the best trial's config, IoU and checkpoint."""
+    from unet_ray.console import format_params
     from unet_ray.train import TrainingFailed, read_history
 
     rows = []
@@ -314,7 +325,7 @@ def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]
     progress(f"{'trial':<12} {'best val_iou':>12} {'epochs':>6}  config")
     for r in rows:
         iou = f"{r['best_val_iou']:.4f}" if r["best_val_iou"] is not None else "error"
-        progress(f"{r['trial_id']:<12} {iou:>12} {r['epochs']:>6}  {json.dumps(r['config'])}")
+        progress(f"{r['trial_id']:<12} {iou:>12} {r['epochs']:>6}  {format_params(r['config'])}")
     scored = [r for r in rows if r["best_val_iou"] is not None and r["checkpoint"]]
     if not scored:
         raise TrainingFailed(f"no trial of {experiment} reported a val_iou with a checkpoint; see the trial errors above")
@@ -328,7 +339,7 @@ def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]
         "trials": rows,
     }
     jsonfile.write_atomic(experiment / BEST_FILE, summary)
-    progress(f"best trial {best['trial_id']}: val_iou {best['best_val_iou']:.4f}, config {best['config']}")
+    progress(f"best trial {best['trial_id']}: val_iou {best['best_val_iou']:.4f}, {format_params(best['config'])}")
     progress(f"best checkpoint: {best['checkpoint']}  (summary: {experiment / BEST_FILE})")
     return summary
 

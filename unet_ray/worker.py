@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from unet_ray import checkpoint as ckpt_io
-from unet_ray import engine, jsonfile, metrics, recipe
+from unet_ray import console, engine, jsonfile, metrics, recipe
 from unet_ray.config import TrainConfig
 from unet_ray.model import build_model
 
@@ -26,6 +26,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(loop_config["cfg"])
+    shown = loop_config.get("console") or console.EPOCH_LINES_ONLY  # what rank 0 prints
+    console.quiet_train_worker(shown)
     torch.set_num_threads(loop_config["torch_threads"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -67,14 +69,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         restore_training_state(state, plain, optimizer, schedule, ema)
         best_iou = state.get("best_val_iou", best_iou)
         restored_from = start_epoch
-        if rank == 0:
+        if rank == 0 and shown["lines"]:
             print(f"[unet-ray] resumed from epoch {start_epoch} checkpoint", flush=True)
 
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
         epoch_start, epoch_started_at = time.perf_counter(), time.time()
+        batches = first_batches if epoch == start_epoch + 1 else train_batches()
         stats = engine.train_one_epoch(
             model,
-            first_batches if epoch == start_epoch + 1 else train_batches(),
+            console.track(batches, shown if rank == 0 else None, epoch, cfg.optim.epochs, ctx.get_world_size()),
             optimizer,
             device,
             dice_weight=cfg.optim.dice_weight,
@@ -150,12 +153,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     },
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                print(
-                    f"[unet-ray] epoch {epoch}/{cfg.optim.epochs}  loss {loss:.4f}  val_iou {report['val_iou']:.4f}  "
-                    f"pixel_acc {report['val_pixel_accuracy']:.4f}  {report['images_per_s']:.1f} img/s  "
-                    f"{report['epoch_seconds']:.1f}s",
-                    flush=True,
-                )
+                if shown["lines"]:
+                    print(console.epoch_line(report, cfg.optim.epochs), flush=True)
             ray.train.report(report, checkpoint=checkpoint)
 
 

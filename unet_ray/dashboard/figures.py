@@ -21,16 +21,20 @@ HEIGHT = 380
 LOG_SPAN = 100.0  # a positive parameter spanning more than two decades gets a log axis
 MAX_DISCRETE = 10  # a colour key with at most this many values gets one colour per value
 CHART_IDS = ("curve_iou", "curve_loss", "lr_scatter", "parallel")
+RUN_CHART_IDS = ("curve_iou", "curve_loss", "class_iou", "val_metrics")  # a train run: nothing was searched
+VAL_METRICS = {"val_iou": "IoU", "val_miou": "mIoU", "val_dice": "Dice", "val_pixel_accuracy": "pixel accuracy"}
 
 
 def build_figures(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
-    """{chart id: Plotly figure JSON} for every chart of the page."""
+    """{chart id: Plotly figure JSON} for every chart of the page, in page order."""
     figures = {
         "curve_iou": curves(snapshot, "val_iou", "Validation IoU per epoch"),
         "curve_loss": curves(snapshot, "train_loss", "Training loss per epoch"),
-        "lr_scatter": param_scatter(snapshot),
-        "parallel": parallel_coordinates(snapshot),
     }
+    if snapshot.kind == "run":
+        figures.update(class_iou=class_iou(snapshot), val_metrics=val_metrics(snapshot))
+    else:
+        figures.update(lr_scatter=param_scatter(snapshot), parallel=parallel_coordinates(snapshot))
     # to_json applies Plotly's own encoder (NumPy values, NaN); the page gets plain JSON.
     return {name: json.loads(fig.to_json()) for name, fig in figures.items()}
 
@@ -215,3 +219,40 @@ def parallel_coordinates(snapshot: Snapshot) -> go.Figure:
         )
     )
     return _layout(fig, title, margin={"l": 70, "r": 60, "t": 95, "b": 30})
+
+
+def class_iou(snapshot: Snapshot) -> go.Figure:
+    """A train run's validation IoU per class at its best (and last) epoch."""
+    title = "Validation IoU per class"
+    per_class = snapshot.per_class
+    if not per_class:
+        return _empty(title, "no epoch reported yet")
+    fig = go.Figure()
+    for i, epoch in enumerate(per_class["epochs"]):
+        fig.add_trace(
+            go.Bar(
+                x=per_class["names"], y=[v if _is_number(v) else None for v in epoch["iou"]], name=epoch["label"],
+                marker={"color": qualitative.Plotly[i]}, hovertemplate="%{x}: IoU %{y:.4f}<extra>" + epoch["label"] + "</extra>",
+            )
+        )
+    return _layout(fig, title, barmode="group", yaxis={"title": {"text": "IoU"}, "range": [0, 1]}, legend={"font": {"size": 11}})
+
+
+def val_metrics(snapshot: Snapshot) -> go.Figure:
+    """A train run's validation metrics per epoch, side by side."""
+    title = "Validation metrics per epoch"
+    points = snapshot.trials[0].curve if snapshot.trials else []
+    if not points:
+        return _empty(title, "no epoch reported yet")
+    fig = go.Figure()
+    for i, (metric, label) in enumerate(VAL_METRICS.items()):
+        shown = [p for p in points if p.get(metric) is not None]
+        if shown:
+            fig.add_trace(
+                go.Scatter(
+                    x=[p["epoch"] for p in shown], y=[p[metric] for p in shown], mode="lines+markers", name=label,
+                    line={"color": qualitative.Plotly[i]}, hovertemplate=f"epoch %{{x}}<br>{label} %{{y:.4f}}<extra></extra>",
+                )
+            )
+    return _layout(fig, title, xaxis={"title": {"text": "epoch"}, "dtick": 1 if len(points) <= 20 else None},
+                   yaxis={"title": {"text": "value"}}, legend={"font": {"size": 11}})

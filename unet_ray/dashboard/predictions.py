@@ -53,40 +53,59 @@ def best_predictions(best: dict[str, Any] | None, prepared: str | None, count: i
 
 
 def _predict(state_file: Path, prepared: Path, count: int) -> dict[str, Any]:
-    import torch
-
-    from unet_ray import engine, palette
-    from unet_ray.checkpoint import CheckpointError, load_model
-    from unet_ray.evaluate import iter_split
-    from unet_ray.model import predict_classes
+    from unet_ray.checkpoint import CheckpointError
     from unet_ray.prepare import DataError
 
     try:
-        model, cfg, state = load_model(state_file)
-        label_set, size = cfg.data.classes, cfg.data.image_size
-        batch = next(iter(iter_split(prepared, "val", label_set, size, batch_size=count)), None)
+        rows, label_set, size, epoch = predict_samples(state_file, prepared, count)
     except (CheckpointError, DataError, OSError) as e:
         return {"error": str(e)}
-    if batch is None:
+    if not rows:
         return {"error": f"{prepared} has no validation rows"}
-    with torch.inference_mode():
-        classes = predict_classes(model(engine.to_model_input(batch["image"], torch.device("cpu")))).numpy()
-    samples = []
-    for photo, truth, pred in zip(batch["image"].numpy(), batch["mask"].numpy(), classes.astype(np.uint8)):
-        labelled = truth != palette.IGNORE_INDEX
-        accuracy = float((pred[labelled] == truth[labelled]).mean()) if labelled.any() else None
-        samples.append(
-            {
-                "photo": png_data_uri(photo),
-                "truth": png_data_uri(palette.colorize(truth, label_set)),
-                "prediction": png_data_uri(palette.colorize(pred, label_set)),
-                "pixel_accuracy": accuracy,
-            }
-        )
+    samples = [
+        {
+            "photo": png_data_uri(row["photo"]),
+            "truth": png_data_uri(row["truth"]),
+            "prediction": png_data_uri(row["prediction"]),
+            "pixel_accuracy": row["pixel_accuracy"],
+        }
+        for row in rows
+    ]
     return {
-        "epoch": state.get("epoch"), "classes": label_set, "image_size": size, "samples": samples,
+        "epoch": epoch, "classes": label_set, "image_size": size, "samples": samples,
         "legend": _legend(label_set),
     }
+
+
+def predict_samples(state_file: Path, prepared: Path, count: int) -> tuple[list[dict[str, Any]], str, int, Any]:
+    """The checkpoint's masks for the first `count` validation rows: ([{photo, truth, prediction
+    (RGB uint8 arrays, masks in the Cityscapes palette), pixel_accuracy}], label set, size, epoch)."""
+    import torch
+
+    from unet_ray import engine, palette
+    from unet_ray.checkpoint import load_model
+    from unet_ray.evaluate import iter_split
+    from unet_ray.model import predict_classes
+
+    model, cfg, state = load_model(state_file)
+    label_set, size = cfg.data.classes, cfg.data.image_size
+    batch = next(iter(iter_split(prepared, "val", label_set, size, batch_size=count)), None)
+    if batch is None:
+        return [], label_set, size, state.get("epoch")
+    with torch.inference_mode():
+        classes = predict_classes(model(engine.to_model_input(batch["image"], torch.device("cpu")))).numpy()
+    rows = []
+    for photo, truth, pred in zip(batch["image"].numpy(), batch["mask"].numpy(), classes.astype(np.uint8)):
+        labelled = truth != palette.IGNORE_INDEX
+        rows.append(
+            {
+                "photo": photo,
+                "truth": palette.colorize(truth, label_set),
+                "prediction": palette.colorize(pred, label_set),
+                "pixel_accuracy": float((pred[labelled] == truth[labelled]).mean()) if labelled.any() else None,
+            }
+        )
+    return rows, label_set, size, state.get("epoch")
 
 
 def _legend(label_set: str) -> list[dict[str, str]]:

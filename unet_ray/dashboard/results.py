@@ -1,4 +1,6 @@
-"""Read a Ray Tune experiment folder (made by `unet-ray tune`) into plain, JSON-ready data.
+"""Read a Ray Tune experiment folder (made by `unet-ray tune`), or a train run's folder (made by
+`unet-ray train`: best.json, history.jsonl, checkpoints), into plain, JSON-ready data. A train
+run is shown as a sweep of one trial (`Snapshot.kind == "run"`), so both share one page.
 
 Sources, and why each:
 - `experiment_state-*.json` (Tune's controller state, rewritten at least every ~10 s while the
@@ -90,6 +92,8 @@ class Snapshot:
     best: dict[str, Any] | None
     prepared: str | None
     warnings: list[str]
+    kind: str = "sweep"  # "sweep" (a Tune experiment) or "run" (one `unet-ray train` run)
+    per_class: dict[str, Any] | None = None  # runs: IoU per class at the best and last epoch
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,14 +116,14 @@ def check_experiment(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise DashboardError(f"results folder {path} does not exist")
     if not path.is_dir():
-        raise DashboardError(f"{path} is a file; --results takes a Tune experiment folder (<storage>/<name>)")
-    if _looks_like_experiment(path):
+        raise DashboardError(f"{path} is a file; --results takes a Tune experiment or train run folder (<storage>/<name>)")
+    if _looks_like_experiment(path) or is_train_run(path):
         return path.resolve()
-    inside = sorted(p.name for p in path.iterdir() if p.is_dir() and _looks_like_experiment(p))
-    hint = f"; it holds the experiment(s) {', '.join(inside)}: pass {path / inside[0]}" if inside else ""
+    inside = sorted(p.name for p in path.iterdir() if p.is_dir() and (_looks_like_experiment(p) or is_train_run(p)))
+    hint = f"; it holds the result folder(s) {', '.join(inside)}: pass {path / inside[0]}" if inside else ""
     raise DashboardError(
         f"{path} is not a Ray Tune experiment folder (no {STATE_GLOB} and no trial folders with "
-        f"{PARAMS_FILE}){hint}"
+        f"{PARAMS_FILE}) nor a train run folder (no {HISTORY_FILE}){hint}"
     )
 
 
@@ -127,10 +131,15 @@ def _looks_like_experiment(path: Path) -> bool:
     return any(path.glob(STATE_GLOB)) or any(path.glob(f"*/{PARAMS_FILE}"))
 
 
+def is_train_run(path: Path) -> bool:
+    """A `unet-ray train` run folder: its history at the top, and no Tune files."""
+    return (path / HISTORY_FILE).is_file() and not _looks_like_experiment(path)
+
+
 def fingerprint(experiment: Path) -> str:
     """Changes whenever a file the snapshot reads changes: lets the server reuse its last answer."""
     digest = hashlib.sha1()
-    for pattern in (STATE_GLOB, BEST_FILE, f"*/{PARAMS_FILE}", f"*/{RESULT_FILE}", f"*/{ERROR_FILE}",
+    for pattern in (STATE_GLOB, BEST_FILE, HISTORY_FILE, f"*/{PARAMS_FILE}", f"*/{RESULT_FILE}", f"*/{ERROR_FILE}",
                     f"{RUNS_DIR}/*/{HISTORY_FILE}"):
         for file in sorted(experiment.glob(pattern)):
             try:
@@ -299,15 +308,8 @@ def _checkpoint_config(state_file: str, mtime_ns: int) -> dict[str, Any] | None:
 def _sweep_settings(trials: list[Trial]) -> dict[str, Any]:
     """Fixed settings of the sweep (epochs, image size, classes, workers) from any trial's
     checkpoint: every trial shares them, only the searched keys differ."""
-    from unet_ray.checkpoint import STATE_FILE
-
     for trial in trials:
-        if not trial.checkpoint:
-            continue
-        state_file = Path(trial.checkpoint) / STATE_FILE
-        if not state_file.is_file():
-            continue
-        config = _checkpoint_config(str(state_file), state_file.stat().st_mtime_ns)
+        config = _run_config(trial)
         if config:
             data, model, optim, run = (config.get(k, {}) for k in ("data", "model", "optim", "run"))
             return {
@@ -317,10 +319,21 @@ def _sweep_settings(trials: list[Trial]) -> dict[str, Any]:
                 "workers per trial": run.get("workers"),
                 "gpu": run.get("gpu"),
                 "batch_size": optim.get("batch_size"),
+                "lr": optim.get("lr"),
                 "depth": model.get("depth"),
                 "base_channels": model.get("base_channels"),
             }
     return {}
+
+
+def _run_config(trial: Trial) -> dict[str, Any] | None:
+    """The TrainConfig dict stored in the trial's best checkpoint, if it is on disk."""
+    from unet_ray.checkpoint import STATE_FILE
+
+    state_file = Path(trial.checkpoint) / STATE_FILE if trial.checkpoint else None
+    if state_file is None or not state_file.is_file():
+        return None
+    return _checkpoint_config(str(state_file), state_file.stat().st_mtime_ns)
 
 
 def _param_order(keys) -> list[str]:
@@ -368,19 +381,7 @@ def _read_trial(
     trial.params = _flatten(params)
     last = results[-1] if results else info.get("last_result", {})
     trial.time_s = _number(last.get("time_total_s"))
-    if trial.time_s is None and rows:
-        trial.time_s = sum(_number(r.get("epoch_seconds")) or 0.0 for r in rows)
-    trial.curve = [
-        {"epoch": int(r["epoch"]), "val_iou": _number(r.get("val_iou")), "train_loss": _number(r.get("train_loss"))}
-        for r in rows
-    ]
-    trial.epochs, trial.last_epoch = len(rows), (int(rows[-1]["epoch"]) if rows else None)
-    scored = [r for r in rows if _number(r.get("val_iou")) is not None]
-    if scored:
-        best_row = max(scored, key=lambda r: r["val_iou"])  # the first of equals, as tune.py picks
-        trial.best_val_iou, trial.best_epoch = float(best_row["val_iou"]), int(best_row["epoch"])
-        trial.last_val_iou = _number(scored[-1]["val_iou"])
-        trial.checkpoint = _best_checkpoint(scored, trial.best_val_iou, experiment)
+    _apply_history(trial, rows, experiment)
     if folder is not None:
         trial.files = [f"{folder.name}/{name}" for name in TRIAL_FILES if (folder / name).is_file()]
         if (folder / ERROR_FILE).is_file():
@@ -390,10 +391,32 @@ def _read_trial(
     return trial, bool(last.get("done"))
 
 
+CURVE_METRICS = ("val_iou", "train_loss", "val_miou", "val_dice", "val_pixel_accuracy")
+
+
+def _apply_history(trial: Trial, rows: list[dict[str, Any]], experiment: Path) -> dict[str, Any] | None:
+    """Fill the trial's curve, epochs, best and last IoU and best checkpoint from its history rows
+    (one per epoch); returns the best row."""
+    if trial.time_s is None and rows:
+        trial.time_s = sum(_number(r.get("epoch_seconds")) or 0.0 for r in rows)
+    trial.curve = [{"epoch": int(r["epoch"]), **{m: _number(r.get(m)) for m in CURVE_METRICS}} for r in rows]
+    trial.epochs, trial.last_epoch = len(rows), (int(rows[-1]["epoch"]) if rows else None)
+    scored = [r for r in rows if _number(r.get("val_iou")) is not None]
+    if not scored:
+        return None
+    best_row = max(scored, key=lambda r: r["val_iou"])  # the first of equals, as tune.py picks
+    trial.best_val_iou, trial.best_epoch = float(best_row["val_iou"]), int(best_row["epoch"])
+    trial.last_val_iou = _number(scored[-1]["val_iou"])
+    trial.checkpoint = _best_checkpoint(scored, trial.best_val_iou, experiment)
+    return best_row
+
+
 def read_experiment(path: str | os.PathLike, now: float | None = None) -> Snapshot:
-    """Everything the page shows about the experiment, read afresh from its files."""
+    """Everything the page shows about the experiment (or train run), read afresh from its files."""
     experiment = check_experiment(path)
     now = time.time() if now is None else now
+    if is_train_run(experiment):
+        return read_run(experiment, now)
     warnings: list[str] = []
     state, state_mtime = _read_state(experiment, warnings)
     folders = _trial_folders(experiment, warnings)
@@ -508,3 +531,59 @@ def _relative(path: str | None, experiment: Path) -> str | None:
         return str(Path(path).relative_to(experiment))
     except ValueError:
         return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A train run: one trial
+# ---------------------------------------------------------------------------------------------
+
+
+def read_run(run: Path, now: float) -> Snapshot:
+    """A `unet-ray train` run folder as a snapshot of one trial named after the run."""
+    warnings: list[str] = []
+    history_file, best_file = run / HISTORY_FILE, run / BEST_FILE
+    rows = _by_epoch(read_jsonl(history_file, warnings))
+    best_json = _read_json(best_file, warnings) if best_file.is_file() else None
+    trial = Trial(run.name, files=[name for name in (HISTORY_FILE, BEST_FILE) if (run / name).is_file()])
+    best_row = _apply_history(trial, rows, run)
+    settings = {k.removesuffix(" per trial"): v for k, v in _sweep_settings([trial]).items()}
+    updated = max((f.stat().st_mtime for f in (history_file, best_file) if f.is_file()), default=None)
+    # best.json is written when the run ends; a resumed run appends to the history after it.
+    ended = best_json is not None and best_file.stat().st_mtime >= history_file.stat().st_mtime
+    live = not ended and updated is not None and now - updated < LIVE_SECONDS
+    trial.status = FINISHED if ended else RUNNING if live else INTERRUPTED
+    prepared = run / "prepared"
+    if not prepared.is_dir():  # trained on a prepared folder given with --data
+        data = (_run_config(trial) or {}).get("data", {}).get("path")
+        prepared = Path(data) if data and Path(data).exists() else None
+    return Snapshot(
+        name=run.name,
+        path=str(run),
+        sweep_status="running" if live else "finished" if ended else "stopped",
+        updated=updated,
+        max_epochs=settings.get("epochs"),
+        settings=settings,
+        param_keys=[],
+        trials=[trial],
+        best=_pick_best([trial], None, run),
+        prepared=str(prepared) if prepared else None,
+        warnings=warnings,
+        kind="run",
+        per_class=_per_class(best_row, rows[-1] if rows else None, settings.get("classes")),
+    )
+
+
+def _per_class(best: dict[str, Any] | None, last: dict[str, Any] | None, label_set: str | None) -> dict[str, Any] | None:
+    """{names, epochs: [{epoch, label, iou: [per class, None where the class is absent]}]}."""
+    from unet_ray import palette
+
+    if best is None or not isinstance(best.get("val_iou_per_class"), list):
+        return None
+    count = len(best["val_iou_per_class"])
+    names = palette.class_names(label_set) if label_set in palette.LABEL_SETS else []
+    if len(names) != count:
+        names = [f"class {i}" for i in range(count)]
+    epochs = [{"epoch": int(best["epoch"]), "label": f"best epoch ({int(best['epoch'])})", "iou": best["val_iou_per_class"]}]
+    if last is not None and last is not best and isinstance(last.get("val_iou_per_class"), list):
+        epochs.append({"epoch": int(last["epoch"]), "label": f"last epoch ({int(last['epoch'])})", "iou": last["val_iou_per_class"]})
+    return {"names": names, "epochs": epochs}

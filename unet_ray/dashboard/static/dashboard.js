@@ -1,4 +1,5 @@
-// Renders the sweep: header, trials table, Plotly charts, predictions and errors.
+// Renders the sweep (or a train run, shown as a sweep of one trial): header, trials table,
+// Plotly charts, predictions and errors.
 // Live mode polls api/state every few seconds and updates everything in place (Plotly.react);
 // report mode renders the data embedded in the page once. Text from the experiment folder is
 // always inserted as text (textContent), never as HTML.
@@ -7,7 +8,6 @@
 
   const config = JSON.parse(document.getElementById("dashboard-config").textContent);
   const embedded = JSON.parse(document.getElementById("dashboard-data").textContent);
-  const CHARTS = ["curve_iou", "curve_loss", "lr_scatter", "parallel"];
   const PLOT_CONFIG = { displaylogo: false, responsive: true };
   const view = { sortKey: "best_val_iou", descending: true, state: null, version: null, predictionsFor: null };
 
@@ -52,10 +52,18 @@
   // ---- header -------------------------------------------------------------------------------
 
   function renderHeader(state) {
+    const run = state.kind === "run";
     document.getElementById("experiment-name").textContent = state.name;
-    document.title = "Tune results: " + state.name;
+    document.getElementById("page-kind").textContent = run ? "Training run" : "Tune results";
+    document.title = (run ? "Training run: " : "Tune results: ") + state.name;
+    document.getElementById("best-heading").textContent = run ? "Best epoch" : "Best trial";
+    document.getElementById("trials-heading").textContent = run ? "Run" : "Trials";
+    if (run) document.getElementById("table-hint").textContent = "Epochs and IoU come from the run's history.jsonl.";
+    document.getElementById("charts-heading").textContent = run ? "Learning curves and IoU per class" : "Learning curves and search space";
+    document.getElementById("predictions-heading").textContent =
+      (run ? "Best checkpoint's" : "Best trial's") + " predictions on validation pairs";
     const badge = document.getElementById("sweep-status");
-    badge.textContent = "sweep " + state.sweep_status;
+    badge.textContent = (run ? "run " : "sweep ") + state.sweep_status;
     badge.className = "badge status-" + state.sweep_status;
     const counts = {};
     state.trials.forEach((t) => { counts[t.status] = (counts[t.status] || 0) + 1; });
@@ -170,9 +178,18 @@
   // ---- charts, predictions, errors ------------------------------------------------------------
 
   function renderCharts(state) {
-    CHARTS.forEach((name) => {
+    // The charts are the figures the state holds, in its order (a sweep and a run differ).
+    const container = document.getElementById("charts");
+    const names = Object.keys(state.figures);
+    [...container.children].forEach((div) => {
+      if (!names.includes(div.id.replace(/^chart-/, ""))) { Plotly.purge(div); div.remove(); }
+    });
+    names.forEach((name) => {
+      let div = document.getElementById("chart-" + name);
+      if (!div) div = el("div", { id: "chart-" + name, className: "chart" });
+      container.appendChild(div); // (re)appended: keeps the state's order
       const figure = state.figures[name];
-      Plotly.react("chart-" + name, figure.data, figure.layout, PLOT_CONFIG);
+      Plotly.react(div, figure.data, figure.layout, PLOT_CONFIG);
     });
   }
 
@@ -186,7 +203,7 @@
       legend.replaceChildren();
       return;
     }
-    caption.textContent = "Trial " + result.trial_id + ", epoch " + result.epoch + " checkpoint (" + result.checkpoint +
+    caption.textContent = (view.state && view.state.kind === "run" ? "Run " : "Trial ") + result.trial_id + ", epoch " + result.epoch + " checkpoint (" + result.checkpoint +
       "), on the first " + result.samples.length + " validation pairs at " + result.image_size + " px, label set " + result.classes + ".";
     const figures = [];
     result.samples.forEach((sample, i) => {
