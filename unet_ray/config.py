@@ -64,6 +64,7 @@ class RunSection:
     seed: int = 0
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # best ones by val_iou; the latest is always kept as well
+    compile: bool = False  # torch.compile the model in each worker (first step slower, later ones faster)
 
 
 @dataclass
