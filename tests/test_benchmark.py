@@ -33,6 +33,9 @@ def test_quick_benchmark_writes_measured_reports(tmp_path):
     assert result["tune_startup"]["trials"] == result["settings"]["tune_trials"]
     assert "augment_batch" in result["data"]["ray"]["ray_data_stats_last_pass"]
     assert result["training"]["plain"]["images_per_s"] > 0
+    assert result["data"]["augment_256px_per_core"]["image_size"] == 256
+    assert result["augment_256px_images_per_s_per_core"] > 0
     assert "skipped" in result["gpu"] or result["gpu"]["images_per_s_128px_bf16_channels_last"] > 0
     table = reports[0].with_suffix(".md").read_text()
     assert "ratio best Ray / plain" in table
+    assert "augment at 256 px, img/s per core" in table

@@ -16,9 +16,6 @@ def _small_config() -> TrainConfig:
     cfg.data.image_size = 64
     cfg.model.depth = 2
     cfg.model.base_channels = 4
-    # the model whose file layout the damage test's tolerance (harmless flips in zip names) was
-    # measured on; the residual default has more records, so more names to hit
-    cfg.model.block, cfg.model.upsample = "plain", "transpose"
     return cfg
 
 
@@ -90,12 +87,17 @@ def test_damaged_bytes_anywhere_are_refused(tmp_path):
         data[at : at + 5] = bytes(b ^ 0xFF for b in data[at : at + 5])
         path.write_bytes(bytes(data))
         try:
-            load_state(path)
-            loaded.append(at)
+            back = load_state(path)
         except CheckpointError as e:
             assert str(path) in str(e)
-    # a flip in zip padding or a name field can be harmless; weights never load damaged
-    assert len(loaded) <= 2, loaded
+            continue
+        loaded.append(at)
+        # a flip in zip padding or a name field can be harmless: what loads is the saved state
+        for name, tensor in state["model"].items():
+            assert torch.equal(back["model"][name], tensor), (at, name)
+    # most flips land in CRC-checked bytes (5 of these 40 did not with the default residual model,
+    # whose many records have many zip header bytes; those loads were checked equal above)
+    assert len(loaded) <= 8, loaded
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from unet_ray import engine
+from unet_ray import engine, gpu
 from unet_ray.model import UNet
 
 pytestmark = [
@@ -58,3 +60,28 @@ def test_ray_train_on_gpus_with_nccl(tmp_path):
     assert summary["metrics"]["val_iou"] > history[0]["val_iou"]
     # the GPU path: NCCL between the workers, bf16 autocast, channels_last
     assert {(r["dist_backend"], r["logits_dtype"], r["channels_last"]) for r in history} == {("nccl", "bfloat16", True)}
+
+
+def test_data_wait_meter_measures_gpu_idle_time_with_events():
+    """Batches arriving 50 ms apart while the GPU has little queued: the GPU waits ~50 ms for each.
+    GPU work that outlasts a 10 ms wait on the host: the GPU never waits."""
+    device = torch.device("cuda")
+
+    def batches(n: int, delay: float):
+        for i in range(n):
+            time.sleep(delay)
+            yield i
+
+    a = torch.randn(512, 512, device=device)
+    meter = gpu.DataWaitMeter(batches(4, 0.05), device)
+    for _ in meter:
+        a = (a @ a).tanh()
+    assert all(0.03 < w < 0.5 for w in meter.waits()[1:])
+
+    big = torch.randn(8192, 8192, device=device)
+    meter = gpu.DataWaitMeter(batches(4, 0.01), device)
+    for _ in meter:
+        for _ in range(20):  # hundreds of ms of queued work per step
+            big = (big @ big).tanh()
+    assert all(w < 0.005 for w in meter.waits()[1:])
+    assert meter.summary(1.0)["data_wait_share"] < 0.05

@@ -79,6 +79,7 @@ def test_steps_per_epoch_matches_an_equal_split():
     # 101 rows over 2 workers: 50 each (one row dropped); batches of 16 -> 4 steps (16+16+16+2)
     assert steps_per_epoch(101, 2, 16) == 4
     assert steps_per_epoch(96, 2, 16) == 3
+    assert steps_per_epoch(101, 2, 16, drop_last=True) == 3  # compiled models drop the partial batch
 
 
 def _batches(n_batches: int, seed: int = 0, size: int = 16):

@@ -43,6 +43,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for flag, (_, typ, text) in TRAIN_FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=text)
     p.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (NCCL, bf16 autocast, channels_last)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model in each worker")
     p.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=None, help="turn augmentation off (--augment none)")
     p.add_argument("--skip-bad-files", action="store_true", default=None, help="leave unusable pair files out (listed in skipped.txt)")
 
@@ -50,7 +51,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The flags the user actually gave, as {dotted key: value}."""
     values = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in TRAIN_FLAGS.items()}
-    values.update({"run.gpu": args.gpu, "data.augment": args.augment, "data.skip_bad_files": args.skip_bad_files})
+    values.update({"run.gpu": args.gpu, "run.compile": args.compile, "data.augment": args.augment,
+                   "data.skip_bad_files": args.skip_bad_files})
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -81,6 +81,7 @@ class RunSection:
     # bf16 autocast + channels_last: "auto" = on with a GPU and on CPUs with native bf16 (avx512_bf16 /
     # amx: 2.4x the fp32 images/s measured on a 2-core EPYC), else fp32; "fp32" or "bf16" force it
     precision: str = "auto"
+    compile: bool = False  # torch.compile the model in each worker (first step slower, later ones faster)
 
 
 @dataclass

@@ -97,11 +97,12 @@ def build_datasets(prepared: str | Path, image_size: int, augment: str | bool, w
     return datasets
 
 
-def steps_per_epoch(train_rows: int, workers: int, batch_size: int) -> int:
+def steps_per_epoch(train_rows: int, workers: int, batch_size: int, drop_last: bool = False) -> int:
     """Optimizer steps per epoch on each worker: the train split is divided equally among workers
-    (rows that do not divide are dropped: DDP needs the same step count everywhere), the last
-    batch of a worker may be partial."""
-    return max(1, math.ceil((train_rows // max(workers, 1)) / batch_size))
+    (rows that do not divide are dropped: DDP needs the same step count everywhere); the last
+    batch of a worker is partial, or dropped with `drop_last` (compiled models: one shape)."""
+    rows = train_rows // max(workers, 1)
+    return max(1, rows // batch_size if drop_last else math.ceil(rows / batch_size))
 
 
 def _block_count(rows: int, cpus: int) -> int:

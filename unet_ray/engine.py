@@ -78,6 +78,8 @@ def train_one_epoch(
         loss_sum += loss.detach()  # no .item() per step: it would sync the GPU every batch
         images_seen += x.shape[0]
         steps += 1
+    if device.type == "cuda":  # the host queues steps ahead of the GPU: count the time until they ran
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {
         "train_loss": float(loss_sum) / max(steps, 1),

@@ -211,7 +211,9 @@ def build_trainer(
             "cfg": cfg.to_dict(),
             "torch_threads": res.torch_threads,
             # the learning-rate schedule is planned in optimizer steps
-            "steps_per_epoch": steps_per_epoch(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size),
+            "steps_per_epoch": steps_per_epoch(
+                meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size, drop_last=cfg.run.compile
+            ),
             "native_masks": bool(meta.get("native_size")),
             "console": console,
         },

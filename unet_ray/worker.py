@@ -15,6 +15,7 @@ import torch
 
 from unet_ray import checkpoint as ckpt_io
 from unet_ray import console, engine, jsonfile, metrics, recipe
+from unet_ray import gpu as gpu_path
 from unet_ray.config import TrainConfig
 from unet_ray.model import build_model
 
@@ -45,7 +46,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batch_size = cfg.optim.batch_size
 
     def train_batches():
-        return shuffled_batches(train_shard, batch_size)
+        # a compiled model gets one batch shape only: no recompilation for a last partial batch
+        return shuffled_batches(train_shard, batch_size, device, drop_last=cfg.run.compile)
 
     # Start the first epoch's data now, while the model is built and wrapped in DDP: in a fresh
     # Ray the first augment tasks spend seconds importing albumentations (measured: 3 s of the
@@ -57,8 +59,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     bf16 = recipe.use_bf16(cfg.run.precision, device)
     if bf16:  # channels_last is what makes bf16 convolutions fast, on GPUs and on CPUs alike
         net = net.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(net)
-    plain = getattr(model, "module", model)
+    # `net` itself holds the weights for checkpoints and evaluates eagerly; the compiled module
+    # (sharing them) trains. DDP wraps the compiled module when there are several workers.
+    model = ray.train.torch.prepare_model(gpu_path.compile_model(net, cfg.run.compile))
+    plain = net
     optimizer = recipe.build_optimizer(model.parameters(), cfg.optim)
     schedule = recipe.StepSchedule(optimizer, cfg.optim, loop_config["steps_per_epoch"])
     ema = recipe.build_ema(plain, cfg.optim.ema_decay)
@@ -74,7 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
         epoch_start, epoch_started_at = time.perf_counter(), time.time()
-        batches = first_batches if epoch == start_epoch + 1 else train_batches()
+        batches = gpu_path.DataWaitMeter(first_batches if epoch == start_epoch + 1 else train_batches(), device)
         stats = engine.train_one_epoch(
             model,
             console.track(batches, shown if rank == 0 else None, epoch, cfg.optim.epochs, ctx.get_world_size()),
@@ -95,7 +99,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # a DDP forward could wait on a collective that the other rank never joins.
         confusion = engine.evaluate(
             validated,
-            val_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2),
+            val_shard.iter_torch_batches(
+                batch_size=batch_size, prefetch_batches=2, **gpu_path.torch_batch_options(device)
+            ),
             cfg.num_classes,
             device,
             # fp32 on CPUs: validation is a small share of an epoch there, and its IoU then equals
@@ -130,6 +136,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_seconds": time.perf_counter() - epoch_start,
             "epoch_started_at": epoch_started_at,  # unix time; with first_step_s, when training began
             "first_step_s": stats["first_step_seconds"],  # waiting for the first batch + one step
+            "train_seconds": stats["train_seconds"],  # this worker's; with epoch_started_at, when it trained
+            # this worker's share of training time (after the first batch) the device sat waiting for data
+            **batches.summary(stats["train_seconds"]),
             "restored_from_epoch": restored_from,  # > 0 on the first epoch after a restart or resume
             # how this epoch ran, as measured, for the record and the GPU test
             "dist_backend": _dist_backend(),
@@ -184,13 +193,17 @@ def restore_training_state(state: dict[str, Any], plain, optimizer, schedule, em
         ema.n_averaged.fill_(state.get("ema_updates", 0))
 
 
-def shuffled_batches(shard: Any, batch_size: int) -> Iterable[Any]:
-    """One epoch of `shard` (a Ray Data iterator or dataset) as torch batches, in a new row order
-    every epoch, as a DataLoader with shuffle=True gives: rows are mixed in a buffer of a few
-    batches (and the blocks arrive in a new random order too: see data.build_datasets)."""
+def shuffled_batches(
+    shard: Any, batch_size: int, device: torch.device | str = "cpu", drop_last: bool = False
+) -> Iterable[Any]:
+    """One epoch of `shard` (a Ray Data iterator or dataset) as torch batches on `device`, in a
+    new row order every epoch, as a DataLoader with shuffle=True gives: rows are mixed in a buffer
+    of a few batches (and the blocks arrive in a new random order too: see data.build_datasets).
+    On CUDA the batches arrive pinned and copied ahead of the loop (gpu.torch_batch_options)."""
     return shard.iter_torch_batches(
-        batch_size=batch_size, prefetch_batches=2, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size
-    )
+        batch_size=batch_size, prefetch_batches=2, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+        drop_last=drop_last, **gpu_path.torch_batch_options(device),
+    )  # fmt: skip
 
 
 def start_in_background(batches: Iterable[Any]) -> Iterator[Any]:
