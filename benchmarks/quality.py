@@ -121,7 +121,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Quality benchmark, {result['timestamp']}, {result['machine']}: {result['train_pairs']} train pairs, "
         f"{result['val_pairs']} val pairs (files {result['val_files']}, never tuned on), 128 px, "
-        f"{result['seeds']} seeds per row; mean ± spread (max - min).",
+        f"{result['seeds']} seed(s) per row; mean ± spread (max - min).",
         "",
         "| label set | recipe | epochs | wall time | last epoch IoU | last, native 256 px | best epoch IoU | best, native |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -160,7 +160,11 @@ def run_quality(args, out: Path, machine: str) -> int:
         "seeds": args.seeds,
         "results": {},
     }
-    recipes = {"old defaults": (OLD_RECIPE, args.old_epochs), "new defaults": (NEW_RECIPE, args.new_epochs)}
+    recipes = {
+        f"{which} defaults": (recipe, epochs)
+        for which, recipe, epochs in (("old", OLD_RECIPE, args.old_epochs), ("new", NEW_RECIPE, args.new_epochs))
+        if which in args.recipes
+    }
     for classes in args.classes:
         prepared = work / f"prepared_{classes}"
         if not (prepared / "meta.json").is_file():
@@ -192,6 +196,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--train-pairs", type=int, help="train on the first N pairs of the split (default: all)")
     group.add_argument("--seeds", type=int, default=2)
     group.add_argument("--classes", nargs="+", default=["road"], choices=["road", "cityscapes19"])
+    group.add_argument("--recipes", nargs="+", default=["old", "new"], choices=["old", "new"])
     group.add_argument("--old-epochs", type=int, default=8)
     group.add_argument("--new-epochs", type=int, default=8)
     group.add_argument("--run-timeout-s", type=float, default=3600)

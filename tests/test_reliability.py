@@ -102,11 +102,15 @@ class TestBadInputThroughRay:
 
         for split, count in meta["counts"].items():
             table = pq.read_table(out / split)
-            assert set(table.column_names) == {"id", "split", "image", "mask"}
+            # val rows also carry the mask at the pairs' own 256x256, for the native-size IoU
+            native = {"mask_native"} if split == "val" else set()
+            assert set(table.column_names) == {"id", "split", "image", "mask"} | native
             assert sorted(table["id"].to_pylist()) == sorted(p.stem for p in (bad_pairs / split).iterdir() if p.name not in BAD_FILES)
             assert set(table["split"].to_pylist()) == {split} and table.num_rows == count
             assert {len(b) for b in table["image"].to_pylist()} == {64 * 64 * 3}
             assert {len(b) for b in table["mask"].to_pylist()} == {64 * 64}
+            if native:
+                assert {len(b) for b in table["mask_native"].to_pylist()} == {256 * 256}
         skipped = (out / "skipped.txt").read_text().splitlines()
         assert sorted(Path(line.split(": ")[0]).name for line in skipped) == sorted(BAD_FILES)
         assert f"skipped {len(BAD_FILES)} bad files" in capsys.readouterr().out

@@ -233,28 +233,36 @@ def format_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def trial_lines(max_epochs: int, printer=print):
+def _say(*args, **kwargs) -> None:
+    """print(), looked up when called: Tune pickles its callbacks with the run config, and the
+    builtin itself cannot be pickled once Ray has patched `print` in this process."""
+    print(*args, **kwargs, flush=True)
+
+
+def trial_lines(max_epochs: int, printer=None):
     """A Tune callback (it runs in the driver) that prints one line per trial event: started,
     each epoch's result, finished or stopped early by the scheduler, errored."""
     from ray.tune import Callback
 
+    printer = printer or _say
+
     class TrialLines(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            printer(f"tune: trial {trial.trial_id} started  {format_params(trial.config)}", flush=True)
+            printer(f"tune: trial {trial.trial_id} started  {format_params(trial.config)}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "val_iou" in result and "epoch" in result:
                 printer(
                     f"tune: trial {trial.trial_id} epoch {result['epoch']}/{max_epochs}  val_iou {result['val_iou']:.4f}  "
-                    f"loss {result.get('train_loss', float('nan')):.4f}", flush=True,
+                    f"loss {result.get('train_loss', float('nan')):.4f}",
                 )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             epoch = (trial.last_result or {}).get("epoch", 0)
             how = "finished" if epoch >= max_epochs else f"stopped early by the scheduler after epoch {epoch}"
-            printer(f"tune: trial {trial.trial_id} {how}", flush=True)
+            printer(f"tune: trial {trial.trial_id} {how}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            printer(f"tune: trial {trial.trial_id} errored (its error is in {trial.local_path or 'its folder'}/error.txt)", flush=True)
+            printer(f"tune: trial {trial.trial_id} errored (its error is in {trial.local_path or 'its folder'}/error.txt)")
 
     return TrialLines()
