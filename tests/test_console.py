@@ -150,13 +150,21 @@ def test_a_run_without_best_json_that_went_quiet_is_interrupted(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def fresh_env() -> dict[str, str]:
+    """This environment without what an in-process `unet-ray` call of an earlier test left in it
+    (console.setup's quiet variables): a user's own variables win over --verbose, and these
+    would look like the user's to the command under test."""
+    env = {k: v for k, v in os.environ.items() if k not in console.QUIET_ENV and k != console.VERBOSE_ENV}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
 def train(tmp: Path, name: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     config = tmp / "small.yaml"
     config.write_text(yaml.safe_dump(SMALL))
     cmd = [sys.executable, "-m", "unet_ray.cli", "train", "--config", str(config), "--epochs", "2",
            "--storage-path", str(tmp / "results"), "--name", name, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                            env=fresh_env())  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
