@@ -38,6 +38,7 @@ import os
 import shlex
 import sys
 import time
+import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,8 @@ def trial_lines(max_epochs: int, printer=None):
     each epoch's result, finished or stopped early by the scheduler, errored."""
     from ray.tune import Callback
 
-    printer = printer or _say
+    if printer is None or isinstance(printer, types.BuiltinFunctionType):  # print itself: see _say
+        printer = _say
 
     class TrialLines(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):

@@ -258,7 +258,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
             # quiet: one line per trial event (console.trial_lines) instead of Tune's status tables
             run_config=tune.RunConfig(
                 name=base.run.name, storage_path=storage, verbose=1 if console.is_verbose() else 0,
-                callbacks=[console.trial_lines(base.optim.epochs, None if progress is print else progress)],
+                callbacks=[console.trial_lines(base.optim.epochs, progress)],
             ),
         )
     results = tuner.fit()
