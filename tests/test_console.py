@@ -77,6 +77,22 @@ def test_progress_lines_are_bounded_in_time():
     assert console.track(batches, {**settings, "lines": False}, 2, 3, 2) is batches  # Tune trials
 
 
+def test_count_progress_prints_bounded_lines_with_rate_and_time_left():
+    """prepare's progress: items done out of the total, the rate, the time left; at most one line
+    per `every_s` and none once everything is done."""
+    printed: list[str] = []
+    meter = console.CountProgress("prepare: decoding", 100, "pairs", printer=printed.append, every_s=0.05)
+    start = time.perf_counter()
+    for _ in range(20):
+        time.sleep(0.01)
+        meter.update(5)
+    seconds = time.perf_counter() - start
+    assert 1 <= len(printed) <= seconds / 0.05 + 1
+    first = printed[0]
+    assert first.startswith("prepare: decoding: ") and "/100 pairs, " in first and " pairs/s, " in first
+    assert first.endswith(" left") and "100/100" not in "".join(printed)
+
+
 def test_worker_settings_count_batches_per_worker(monkeypatch):
     settings = console.worker_settings(train_rows=97, workers=2, batch_size=16)
     assert settings["batches"] == 3  # 48 rows per worker (the equal split drops one) in batches of 16

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from unet_ray import palette
+from unet_ray.console import CountProgress
 from unet_ray.pairs import PAIR_HEIGHT, SPLITS, BadPairError, list_pairs, read_pair
 from unet_ray.transforms import resize_pair
 
@@ -33,6 +34,7 @@ NATIVE_SIZE = PAIR_HEIGHT  # each half of a pair is 256x256
 # Ray Data tasks ask for a quarter CPU: on a 2-CPU machine they must still fit beside training
 # workers (a task asking for a whole CPU would wait forever once workers hold the CPUs).
 DATA_TASK_CPUS = 0.25
+ROWS_PER_FILE = 512  # Parquet part files of a split: a few hundred rows each, read back as one table
 
 
 class DataError(ValueError):
@@ -148,6 +150,9 @@ def prepare(
     Without skip_bad_files any bad file stops the run with a DataError listing the bad files and
     nothing is written. With it, bad files are left out, listed in skipped.txt and counted.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
     import ray
 
     palette.check_label_set(label_set)
@@ -158,14 +163,23 @@ def prepare(
 
     start = time.perf_counter()
     items = [{"path": str(p), "split": s} for s in SPLITS for p in files[s]]
-    rows = ray.data.from_items(items, override_num_blocks=max(1, min(64, total // 32))).map_batches(
+    decoded = ray.data.from_items(items, override_num_blocks=max(1, min(64, total // 32))).map_batches(
         decode_batch,
         fn_kwargs={"image_size": image_size, "label_set": label_set},
         batch_size=32,
         num_cpus=DATA_TASK_CPUS,
-    ).materialize()
+    )
+    # Streamed to the driver rather than materialized: the driver counts rows as they arrive and
+    # prints progress, and writes the Parquet files itself (no second pass of Ray tasks).
+    meter = CountProgress("prepare: decoding", total, "pairs", printer=progress)
+    batches = []
+    for batch in decoded.iter_batches(batch_size=None, batch_format="pyarrow"):
+        batches.append(batch)
+        meter.update(batch.num_rows)
+    rows = pa.concat_tables(batches)
 
-    bad = rows.filter(expr="error != ''").select_columns(["path", "error"]).take_all()
+    failed = rows.filter(pc.not_equal(rows["error"], ""))
+    bad = [{"path": p, "error": e} for p, e in zip(failed["path"].to_pylist(), failed["error"].to_pylist())]
     if bad and not skip_bad_files:
         listing = "\n  ".join(r["error"] for r in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
@@ -178,17 +192,19 @@ def prepare(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    good = rows.filter(expr="error == ''").drop_columns(["error", "path"]).materialize()
+    good = rows.filter(pc.equal(rows["error"], "")).drop_columns(["error", "path"])
     counts = {}
     for split in SPLITS:
-        part = good.filter(expr=f"split == '{split}'")
+        part = good.filter(pc.equal(good["split"], split))
         if split != "val":
             part = part.drop_columns(["mask_native"])
-        counts[split] = part.count()
+        counts[split] = part.num_rows
         if counts[split] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"{src / split}: no usable pair files (all {len(files[split])} were bad)")
-        part.write_parquet(str(tmp / split))
+        (tmp / split).mkdir()
+        for index, offset in enumerate(range(0, part.num_rows, ROWS_PER_FILE)):
+            pq.write_table(part.slice(offset, ROWS_PER_FILE), tmp / split / f"part-{index:05d}.parquet")
     if bad:
         (tmp / SKIPPED_FILE).write_text("".join(f"{r['path']}: {r['error']}\n" for r in bad))
     meta = {
