@@ -15,6 +15,7 @@ import pytest
 import yaml
 from helpers import kill_session
 
+from unet_ray import console
 from unet_ray.config import ConfigError
 from unet_ray.tune import load_sweep
 
@@ -126,7 +127,9 @@ def test_finished_train_run_hands_its_last_report_to_tune():
 def test_sweep_interrupted_then_resumed(tmp_path):
     storage = tmp_path / "results"
     cmd = [sys.executable, "-m", "unet_ray.cli", "tune", "--config", str(SMOKE), "--storage-path", str(storage)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the quiet console, whatever an earlier in-process test left in os.environ
+    quiet_keys = {console.VERBOSE_ENV, *console.QUIET_ENV}
+    env = {**{k: v for k, v in os.environ.items() if k not in quiet_keys}, "PYTHONUNBUFFERED": "1"}
     experiment = storage / "smoke"
 
     # 1. start the sweep, Ctrl-C it once a trial has finished
@@ -158,6 +161,10 @@ def test_sweep_interrupted_then_resumed(tmp_path):
     # 2. resume: finished trials are not run again, the others complete
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=500)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # both halves print our trial lines, never Tune's status tables (the resumed Tuner keeps the
+    # quiet RunConfig it pickled)
+    for output in ((tmp_path / "first.log").read_text(), resumed.stdout):
+        assert "tune: trial " in output and "Trial status" not in output, output[-3000:]
     rows = _trial_rows(experiment)
     assert len(rows) == 4, f"trials with results: {sorted(rows)}\n{resumed.stdout[-4000:]}\n{resumed.stderr[-4000:]}"
     for trial, trial_rows in rows.items():
