@@ -164,7 +164,7 @@ def progress_every_s() -> float:
 
 
 class CountProgress:
-    """Progress of work counted in items (pairs decoded, files predicted) seen by the driver: one
+    """Progress of work counted in items (pairs decoded by `prepare`) seen by the driver: one
     plain line (tqdm's `format_meter`) at most every `every_s` seconds, never a redrawn bar, so
     it reads the same in a terminal and in `ray job logs`."""
 
