@@ -32,7 +32,7 @@ OLD_RECIPE: dict[str, dict[str, Any]] = {
     "model": {"block": "plain", "upsample": "transpose", "depth": 4, "base_channels": 16},
     "optim": {
         "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
-        "ema_decay": 0.0, "batch_size": 16, "dice_weight": 0.0,
+        "ema_decay": 0.0, "batch_size": 16, "dice_weight": 0.0, "class_weights": "none",
     },
     "run": {"precision": "fp32"},
 }  # fmt: skip

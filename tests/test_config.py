@@ -104,6 +104,7 @@ def test_wrong_type(values, key):
         ({"optim": {"epochs": 0}}, "optim.epochs"),
         ({"optim": {"batch_size": 0}}, "optim.batch_size"),
         ({"optim": {"dice_weight": -1}}, "optim.dice_weight"),
+        ({"optim": {"class_weights": "median"}}, "optim.class_weights"),
         ({"run": {"workers": 0}}, "run.workers"),
         ({"run": {"name": "a/b"}}, "run.name"),
         ({"model": {"depth": 0}}, "model.depth"),
@@ -264,3 +265,18 @@ def test_example_yaml_documents_every_key_with_its_default():
         for key, value in defaults[section].items():
             if (section, key) != ("run", "name"):
                 assert example[section][key] == value, f"{section}.{key}: example says {example[section][key]!r}, default is {value!r}"
+
+
+@pytest.mark.parametrize(
+    "classes,given,resolved",
+    [
+        ("cityscapes19", "auto", "inverse_log"),
+        ("road", "auto", "none"),
+        ("road", "inverse_log", "inverse_log"),
+        ("cityscapes19", "none", "none"),
+    ],
+)
+def test_class_weights_auto_weights_the_19_classes_only(classes, given, resolved):
+    cfg = TrainConfig.from_dict({"data": {"classes": classes}, "optim": {"class_weights": given}})
+    assert cfg.validate(check_paths=False).class_weighting == resolved
+    assert TrainConfig().optim.class_weights == "auto"

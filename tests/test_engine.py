@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from unet_ray import engine
@@ -132,3 +133,21 @@ def test_start_in_background_fetches_the_first_batch_early_and_keeps_order():
 
     with pytest.raises(ValueError, match="bad block"):
         list(start_in_background(broken()))
+
+
+def test_class_weights_reach_the_loss():
+    """The same model, batch and step: the loss reported is the class-weighted one."""
+    from unet_ray.losses import segmentation_loss
+
+    batch = _batch(n=2, size=16)
+    device = torch.device("cpu")
+    weights = torch.tensor([1.0, 4.0, 9.0])
+    torch.manual_seed(0)
+    model = UNet(num_classes=3, depth=1, base_channels=4, batch_norm=False)
+    x, y = engine.to_model_input(batch["image"], device), batch["mask"].long()
+    with torch.no_grad():
+        weighted, plain = segmentation_loss(model(x), y, weights=weights), segmentation_loss(model(x), y)
+    assert abs(weighted.item() - plain.item()) > 1e-3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step changes nothing
+    out = engine.train_one_epoch(model, [batch], optimizer, device, class_weights=weights)
+    assert out["train_loss"] == pytest.approx(weighted.item(), rel=1e-5)

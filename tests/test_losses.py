@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from unet_ray.losses import segmentation_loss, soft_dice_loss
+from unet_ray.losses import class_weights, segmentation_loss, soft_dice_loss
 
 
 def _target(n=2, h=8, w=8, k=2, seed=0):
@@ -113,3 +115,44 @@ def test_soft_dice_bounds():
     perfect = torch.nn.functional.one_hot(t, 2).permute(0, 3, 1, 2).float()
     assert soft_dice_loss(perfect, t, valid).item() == pytest.approx(0.0, abs=1e-6)
     assert soft_dice_loss(1 - perfect, t, valid).item() > 0.6
+
+
+def test_inverse_log_class_weights_follow_enet():
+    pixels = [600, 300, 100, 0]
+    weights = class_weights(pixels, "inverse_log")
+    shares = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    assert torch.allclose(weights, 1 / torch.log(1.02 + shares))
+    assert weights[0] < weights[1] < weights[2] < weights[3] == pytest.approx(1 / math.log(1.02))
+    assert class_weights(pixels, "none") is None
+    with pytest.raises(ValueError, match="unknown class weighting 'median'"):
+        class_weights(pixels, "median")
+
+
+def test_weighted_ce_is_torchs_weighted_mean_over_valid_pixels():
+    target = _target(k=4)
+    logits = torch.randn(2, 4, 8, 8)
+    weights = torch.tensor([1.0, 2.0, 5.0, 0.5])
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=weights, ignore_index=255)
+    assert segmentation_loss(logits, target, weights=weights).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert segmentation_loss(logits, target, weights=torch.ones(4)).item() == pytest.approx(
+        segmentation_loss(logits, target).item(), rel=1e-6
+    )
+
+
+def test_weighted_bce_weights_road_and_rest_pixels():
+    target = _target(k=2)
+    logits = torch.randn(2, 1, 8, 8)
+    valid = target != 255
+    per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[:, 0], target.clamp(max=1).float(), reduction="none"
+    )
+    w = torch.where(target == 1, 3.0, 1.0) * valid
+    expected = (per_pixel * w).sum() / w.sum()
+    got = segmentation_loss(logits, target, weights=torch.tensor([1.0, 3.0]))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_all_ignored_batch_gives_zero_weighted_loss():
+    target = torch.full((1, 4, 4), 255)
+    loss = segmentation_loss(torch.randn(1, 3, 4, 4), target, weights=torch.ones(3))
+    assert loss.item() == 0.0

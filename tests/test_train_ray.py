@@ -118,16 +118,27 @@ def test_rerun_resumes_from_latest_checkpoint(trained):
 
 
 def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_path):
-    """The cityscapes19 label set end to end, with augmentation on: val_iou is the mIoU of the
-    classes present, absent classes are null (not NaN) in history.jsonl and best.json, and the
-    run ends by naming its best checkpoint and metrics."""
+    """The cityscapes19 label set end to end, with augmentation and (default) class weights: val_iou is
+    the mIoU of the classes present, absent classes are null (not NaN) in history.jsonl and
+    best.json, and the run ends by naming its best checkpoint and metrics."""
+    import numpy as np
+
+    from unet_ray.losses import class_weights
+    from unet_ray.prepare import read_prepared_split
     from unet_ray.train import read_history, run_dir_of, run_training
 
     cfg = small_config(tmp_path, name="city", epochs=2, classes="cityscapes19", augment=True)
+    assert cfg.optim.class_weights == "auto"  # the default: inverse_log for 19 classes
     printed: list[str] = []
     summary = run_training(cfg, progress=printed.append)
     run_dir = run_dir_of(cfg)
 
+    # the weights come from the run's own training masks, and the run says which they are
+    masks = read_prepared_split(run_dir / "prepared", "train", 64)["mask"]
+    expected = class_weights(np.bincount(masks.ravel(), minlength=256)[:19], "inverse_log")
+    weights_line = next(line for line in printed if line.startswith("loss: class weights (inverse_log"))
+    assert f"road {expected[0]:.1f}, sidewalk {expected[1]:.1f}, building {expected[2]:.1f}" in weights_line
+    assert expected.min() < 5 and expected.max() > 40  # common classes low, absent ones high
     def refuse(constant):
         raise ValueError(f"{constant} in {run_dir}")
 

@@ -29,6 +29,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--upsample": ("model.upsample", str, "UNet upsampling: transpose or bilinear"),
     "--precision": ("run.precision", str, "auto (bf16 on GPUs and bf16-capable CPUs), fp32 or bf16"),
     "--dice-weight": ("optim.dice_weight", float, "weight of the soft-Dice loss term"),
+    "--class-weights": ("optim.class_weights", str, "loss weights per class: auto, none or inverse_log (rare classes count more)"),
     "--depth": ("model.depth", int, "UNet depth: number of 2x down-samplings"),
     "--base-channels": ("model.base_channels", int, "channels of the first UNet level"),
     "--storage-path": ("run.storage_path", str, "where runs, checkpoints and prepared data go (local path, NFS, s3://)"),

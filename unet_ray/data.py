@@ -54,6 +54,14 @@ def augment_batch(batch: dict[str, np.ndarray], image_size: int, preset: str = "
     return _augmenter(image_size, preset)(batch)
 
 
+def class_pixel_counts(prepared: str | Path, image_size: int, num_classes: int) -> list[int]:
+    """How many training pixels each class has (ignored pixels left out): what class weights are
+    computed from. For the road task, [rest, road]."""
+    masks = read_prepared_split(prepared, "train", image_size)["mask"]
+    counts = np.bincount(masks.ravel(), minlength=256)
+    return [int(c) for c in counts[:num_classes]]
+
+
 def build_datasets(prepared: str | Path, image_size: int, augment: str | bool, workers: int = 1) -> dict[str, Any]:
     """train and val as Ray Data datasets. `augment`: a transforms.AUGMENT_PRESETS name (True:
     "medium", False: "none"); `workers`: how many training workers will share val."""

@@ -38,6 +38,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     dice_weight: float = 0.0,
+    class_weights: torch.Tensor | None = None,
     mixed_precision: bool = False,
     channels_last: bool = False,
     scheduler=None,
@@ -59,7 +60,7 @@ def train_one_epoch(
         y = batch["mask"].to(device, non_blocking=True).long()
         with autocast(device, mixed_precision):
             logits = model(x)
-        loss = segmentation_loss(logits, y, dice_weight)
+        loss = segmentation_loss(logits, y, dice_weight, class_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,5 +1,5 @@
 """Segmentation losses: BCE-with-logits (one logit) or cross-entropy (C logits), both skipping
-ignored pixels (255), plus an optional soft-Dice term."""
+ignored pixels (255) and optionally weighted per class, plus an optional soft-Dice term."""
 
 from __future__ import annotations
 
@@ -9,21 +9,49 @@ import torch.nn.functional as F
 from unet_ray.palette import IGNORE_INDEX
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
-    """logits (N, K, H, W), target (N, H, W) long class ids with 255 = ignore -> scalar loss."""
+def class_weights(class_pixels, kind: str) -> torch.Tensor | None:
+    """Per-class loss weights from the training pixels of each class, or None for "none".
+
+    "inverse_log": 1 / ln(1.02 + share of the pixels), as in ENet (Paszke et al. 2016): from ~3 for
+    road (38 % of the pixels) to ~50 for a class with almost none, so that rare classes (poles,
+    signs, people) count in the loss as they count in the mean IoU. A class with no pixels gets
+    the largest weight, which never applies."""
+    if kind == "none":
+        return None
+    if kind != "inverse_log":  # "auto" is resolved by the config (TrainConfig.class_weighting)
+        raise ValueError(f"unknown class weighting {kind!r}; choose none or inverse_log")
+    pixels = torch.as_tensor(class_pixels, dtype=torch.float64)
+    share = pixels / pixels.sum().clamp(min=1)
+    return (1.0 / torch.log(1.02 + share)).float()
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dice_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits (N, K, H, W), target (N, H, W) long class ids with 255 = ignore -> scalar loss.
+
+    `weights` (one per class, 2 for the one-logit road task): each pixel's BCE / CE term is
+    weighted by its true class's weight, and the sum divided by the sum of the weights (as
+    torch's weighted cross-entropy does), so that the loss stays a weighted mean."""
     valid = target != IGNORE_INDEX
     logits = logits.float()  # losses in fp32 even under bf16 autocast
+    # the weight of each valid pixel (1 without weights); 0 for ignored ones
+    pixel_weight = valid.float() if weights is None else weights.to(logits.device)[target.masked_fill(~valid, 0)] * valid
+    # sum / weight sum rather than reduction="mean": the mean is NaN (0/0) for a batch whose
+    # pixels are all ignored, and the same as this otherwise
+    norm = pixel_weight.sum().clamp(min=1e-6 if weights is not None else 1)
     if logits.shape[1] == 1:
         x = logits[:, 0]
         t = target.float()
         per_pixel = F.binary_cross_entropy_with_logits(x, t.clamp(max=1), reduction="none")
-        loss = (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+        loss = (per_pixel * pixel_weight).sum() / norm
         probs = torch.stack([1 - torch.sigmoid(x), torch.sigmoid(x)], dim=1)
     else:
-        # sum / valid count rather than reduction="mean": the mean is NaN (0/0) for a batch whose
-        # pixels are all ignored, and the same as this otherwise
         per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
-        loss = per_pixel.sum() / valid.sum().clamp(min=1)
+        loss = (per_pixel * pixel_weight).sum() / norm
         probs = logits.softmax(1)
     if dice_weight > 0:
         loss = loss + dice_weight * soft_dice_loss(probs, target, valid)

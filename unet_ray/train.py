@@ -192,10 +192,11 @@ def build_trainer(
     storage: str,
     callbacks=(),
     console=None,
+    class_pixels: list[int] | None = None,
 ):
     """The TorchTrainer for `cfg` on prepared data described by `meta`; every Tune trial builds
     it too, through `fit`. `console`: what rank 0 prints (console.worker_settings); None prints
-    epoch lines only."""
+    epoch lines only. `class_pixels`: the training pixels of each class, for class weights."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -216,6 +217,7 @@ def build_trainer(
             ),
             "native_masks": bool(meta.get("native_size")),
             "console": console,
+            "class_pixels": class_pixels,
         },
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -258,7 +260,7 @@ def fit(
     """
     from ray.data import DataContext
 
-    from unet_ray.data import build_datasets, resolve_prepared
+    from unet_ray.data import build_datasets, class_pixel_counts, resolve_prepared
 
     # Our own per-epoch lines show progress; Ray Data's bars flood logs that are not terminals.
     # Set here, not in ensure_ray, so that Tune trial processes get it too.
@@ -270,11 +272,26 @@ def fit(
         f"label set {meta['classes']}"
     )
     datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers)
+    class_pixels = None
+    if cfg.class_weighting != "none":
+        from unet_ray.losses import class_weights
+
+        class_pixels = class_pixel_counts(prepared, cfg.data.image_size, cfg.num_classes)
+        weights = class_weights(class_pixels, cfg.class_weighting).tolist()
+        named = ", ".join(f"{name} {w:.1f}" for name, w in zip(meta["class_names"], weights))
+        progress(f"loss: class weights ({cfg.class_weighting}, from the training pixels): {named}")
     from unet_ray.console import worker_settings
 
     settings = worker_settings(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size, lines=worker_lines)
     trainer = build_trainer(
-        cfg, datasets, meta, run_name, storage, [history_callback(run_dir), *callbacks], console=settings
+        cfg,
+        datasets,
+        meta,
+        run_name,
+        storage,
+        [history_callback(run_dir), *callbacks],
+        console=settings,
+        class_pixels=class_pixels,
     )
     try:
         result = trainer.fit()

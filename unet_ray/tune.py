@@ -28,6 +28,7 @@ SEARCHABLE = {
     "lr": "optim.lr",
     "weight_decay": "optim.weight_decay",
     "dice_weight": "optim.dice_weight",
+    "class_weights": "optim.class_weights",
     "batch_size": "optim.batch_size",
     "depth": "model.depth",
     "base_channels": "model.base_channels",
