@@ -118,9 +118,9 @@ def test_rerun_resumes_from_latest_checkpoint(trained):
 
 
 def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_path):
-    """The cityscapes19 label set end to end, with augmentation and (default) class weights: val_iou is
-    the mIoU of the classes present, absent classes are null (not NaN) in history.jsonl and
-    best.json, and the run ends by naming its best checkpoint and metrics."""
+    """The cityscapes19 label set end to end, with augmentation and (default) class weights:
+    val_iou is the mIoU of the classes present, absent classes are null (not NaN) in
+    history.jsonl and best.json, and the run ends by naming its best checkpoint and metrics."""
     import numpy as np
 
     from unet_ray.losses import class_weights
@@ -139,6 +139,7 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
     weights_line = next(line for line in printed if line.startswith("loss: class weights (inverse_log"))
     assert f"road {expected[0]:.1f}, sidewalk {expected[1]:.1f}, building {expected[2]:.1f}" in weights_line
     assert expected.min() < 5 and expected.max() > 40  # common classes low, absent ones high
+
     def refuse(constant):
         raise ValueError(f"{constant} in {run_dir}")
 
