@@ -41,8 +41,8 @@ def segmentation_loss(
     # the weight of each valid pixel (1 without weights); 0 for ignored ones
     pixel_weight = valid.float() if weights is None else weights.to(logits.device)[target.masked_fill(~valid, 0)] * valid
     # sum / weight sum rather than reduction="mean": the mean is NaN (0/0) for a batch whose
-    # pixels are all ignored, and the same as this otherwise
-    norm = pixel_weight.sum().clamp(min=1e-6 if weights is not None else 1)
+    # pixels are all ignored (here 0), and the same as this otherwise
+    norm = pixel_weight.sum().clamp(min=1e-6)
     if logits.shape[1] == 1:
         x = logits[:, 0]
         t = target.float()

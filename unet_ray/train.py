@@ -192,11 +192,11 @@ def build_trainer(
     storage: str,
     callbacks=(),
     console=None,
-    class_pixels: list[int] | None = None,
+    class_weights: list[float] | None = None,
 ):
     """The TorchTrainer for `cfg` on prepared data described by `meta`; every Tune trial builds
     it too, through `fit`. `console`: what rank 0 prints (console.worker_settings); None prints
-    epoch lines only. `class_pixels`: the training pixels of each class, for class weights."""
+    epoch lines only. `class_weights`: the loss weight of each class (None: unweighted)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -217,7 +217,7 @@ def build_trainer(
             ),
             "native_masks": bool(meta.get("native_size")),
             "console": console,
-            "class_pixels": class_pixels,
+            "class_weights": class_weights,
         },
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -272,7 +272,7 @@ def fit(
         f"label set {meta['classes']}"
     )
     datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers)
-    class_pixels = None
+    weights = None
     if cfg.class_weighting != "none":
         from unet_ray.losses import class_weights
 
@@ -291,7 +291,7 @@ def fit(
         storage,
         [history_callback(run_dir), *callbacks],
         console=settings,
-        class_pixels=class_pixels,
+        class_weights=weights,
     )
     try:
         result = trainer.fit()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from unet_ray import checkpoint as ckpt_io
-from unet_ray import console, engine, jsonfile, losses, metrics, recipe
+from unet_ray import console, engine, jsonfile, metrics, recipe
 from unet_ray import gpu as gpu_path
 from unet_ray.config import TrainConfig
 from unet_ray.model import build_model
@@ -54,8 +54,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # first-batch wait), which would otherwise begin only once the model is ready.
     first_batches = start_in_background(train_batches()) if start_epoch < cfg.optim.epochs else None
 
-    # from the training pixels the driver counted: the same on every worker and after a resume
-    weights = losses.class_weights(loop_config.get("class_pixels"), cfg.class_weighting)
+    # computed by the driver from the training pixels: the same on every worker and after a resume
+    weights = torch.tensor(loop_config["class_weights"]) if loop_config.get("class_weights") else None
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model, cfg.num_classes)
     bf16 = recipe.use_bf16(cfg.run.precision, device)
