@@ -124,14 +124,14 @@ def augmented_batches(arrays: dict[str, np.ndarray], batch_size: int, augment, r
 
 
 def plain_training(
-    s: Settings, arrays: dict[str, np.ndarray], threads: int, device_name: str = "cpu", fast_gpu: bool = False,
-    image_size: int | None = None,
+    s: Settings, arrays: dict[str, np.ndarray], threads: int, device_name: str = "cpu", image_size: int | None = None,
 ) -> dict[str, Any]:
     import torch
 
     from unet_ray import engine
     from unet_ray.config import ModelSection
     from unet_ray.model import build_model
+    from unet_ray.recipe import use_bf16
     from unet_ray.transforms import JointAugment
 
     size = image_size or s.image_size
@@ -140,16 +140,17 @@ def plain_training(
     try:
         torch.manual_seed(0)
         device = torch.device(device_name)
+        # the precision and memory format the Ray workers train with (run.precision "auto")
+        bf16 = use_bf16("auto", device)
         model = build_model(ModelSection(depth=s.depth, base_channels=s.base_channels), 1).to(device)
-        if fast_gpu:
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         augment, rng = JointAugment(size), np.random.default_rng(0)
         per_epoch = []
         for _ in range(s.plain_epochs):
             stats = engine.train_one_epoch(
                 model, augmented_batches(arrays, s.batch_size, augment, rng), optimizer, device,
-                mixed_precision=fast_gpu, channels_last=fast_gpu,
+                mixed_precision=bf16, channels_last=True,
             )
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -418,7 +419,7 @@ def gpu_throughput(s: Settings, prepared_by_size: dict[int, dict[str, np.ndarray
         return {"skipped": "no CUDA device (torch.cuda.is_available() is False)"}
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(0)}
     for size, arrays in prepared_by_size.items():
-        r = plain_training(s, arrays, torch.get_num_threads(), "cuda", fast_gpu=True, image_size=size)
+        r = plain_training(s, arrays, torch.get_num_threads(), "cuda", image_size=size)
         out[f"images_per_s_{size}px_bf16_channels_last"] = r["images_per_s"]
     return out
 

@@ -76,9 +76,8 @@ def test_two_worker_run_learns(trained):
     assert best > first + 0.2 and best > 0.6, [row["val_iou"] for row in history]
     # every val pixel was seen: 25 images of 64x64, none dropped by the uneven 2-way split
     assert all(row["val_pixels"] == 25 * 64 * 64 for row in history)
-    # run.precision "auto": bf16 autocast + channels_last where the CPU has native bf16
-    bf16 = recipe.cpu_has_native_bf16()
-    expected = ("gloo", "bfloat16" if bf16 else "float32", bf16)
+    # run.precision "auto": bf16 autocast where the CPU has native bf16; channels_last always
+    expected = ("gloo", "bfloat16" if recipe.cpu_has_native_bf16() else "float32", True)
     assert {(r["dist_backend"], r["logits_dtype"], r["channels_last"]) for r in history} == {expected}
     assert summary["metrics"]["val_iou"] == pytest.approx(best)
     # the native-size IoU (pairs' own 256x256 masks) is reported every epoch, next to the 64 px one

@@ -43,7 +43,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (sections data, model, optim, run); flags override it")
     for flag, (_, typ, text) in TRAIN_FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=text)
-    p.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (NCCL, bf16 autocast, channels_last)")
+    p.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (NCCL, bf16 autocast)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model in each worker")
     p.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=None, help="turn augmentation off (--augment none)")
     p.add_argument("--skip-bad-files", action="store_true", default=None, help="leave unusable pair files out (listed in skipped.txt)")

@@ -82,8 +82,9 @@ class RunSection:
     seed: int = 0
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # best ones by val_iou; the latest is always kept as well
-    # bf16 autocast + channels_last: "auto" = on with a GPU and on CPUs with native bf16 (avx512_bf16 /
-    # amx: 2.4x the fp32 images/s measured on a 2-core EPYC), else fp32; "fp32" or "bf16" force it
+    # bf16 autocast: "auto" = on with a GPU and on CPUs with native bf16 (avx512_bf16 / amx: 2.4x the
+    # fp32 images/s measured on a 2-core EPYC), else fp32; "fp32" or "bf16" force it. Training runs
+    # channels_last in every precision
     precision: str = "auto"
     compile: bool = False  # torch.compile the model in each worker (first step slower, later ones faster)
 

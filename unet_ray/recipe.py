@@ -119,7 +119,7 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether a run with run.precision=`precision` trains with bf16 autocast + channels_last."""
+    """Whether a run with run.precision=`precision` trains with bf16 autocast."""
     if precision == "bf16":
         return True
     if precision == "fp32":

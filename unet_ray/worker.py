@@ -59,8 +59,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model, cfg.num_classes)
     bf16 = recipe.use_bf16(cfg.run.precision, device)
-    if bf16:  # channels_last is what makes bf16 convolutions fast, on GPUs and on CPUs alike
-        net = net.to(memory_format=torch.channels_last)
+    # channels_last in every precision: it is what makes bf16 convolutions fast, and in fp32 on an
+    # AVX2-only CPU (no native bf16) it trained 15-20 % more images/s too (2 workers, 128 px)
+    net = net.to(memory_format=torch.channels_last)
     # `net` itself holds the weights for checkpoints and evaluates eagerly; the compiled module
     # (sharing them) trains. DDP wraps the compiled module when there are several workers.
     model = ray.train.torch.prepare_model(gpu_path.compile_model(net, cfg.run.compile))
@@ -89,7 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dice_weight=cfg.optim.dice_weight,
             class_weights=weights,
             mixed_precision=bf16,
-            channels_last=bf16,
+            channels_last=True,
             scheduler=schedule,
             ema=ema,
         )
@@ -110,7 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # fp32 on CPUs: validation is a small share of an epoch there, and its IoU then equals
             # what `unet-ray evaluate` (fp32, one process) computes from the checkpoint
             mixed_precision=bf16 and device.type == "cuda",
-            channels_last=bf16,
+            channels_last=True,
             native=loop_config.get("native_masks", False),
         )
         for matrix in confusion.values():
