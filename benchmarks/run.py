@@ -42,6 +42,7 @@ class Settings:
     batch_size: int
     n_train: int
     n_val: int
+    ray_workers: tuple[int, ...]  # the Ray path is timed with each of these worker counts
     ray_epochs: int  # epoch 1 is warm-up; later epochs give the steady-state figure
     plain_epochs: int  # likewise
     data_epochs: int  # timed passes over the data stage, after one warm-up pass
@@ -52,11 +53,11 @@ class Settings:
 
 
 FULL = Settings(
-    128, 4, 16, 16, n_train=256, n_val=32, ray_epochs=4, plain_epochs=4,
+    128, 4, 16, 16, n_train=256, n_val=32, ray_workers=(1, 2), ray_epochs=4, plain_epochs=4,
     data_epochs=4, data_copies=8, tune_trials=2, startup_runs=3, real_data_epochs=6,
 )  # fmt: skip
 QUICK = Settings(
-    64, 3, 8, 16, n_train=64, n_val=16, ray_epochs=3, plain_epochs=4,
+    64, 3, 8, 16, n_train=64, n_val=16, ray_workers=(2,), ray_epochs=3, plain_epochs=4,
     data_epochs=3, data_copies=2, tune_trials=1, startup_runs=1, real_data_epochs=0,
 )  # fmt: skip
 
@@ -429,11 +430,15 @@ def gpu_throughput(s: Settings, prepared_by_size: dict[int, dict[str, np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 
+def _ray_key(workers: int) -> str:
+    return f"ray_{workers}_worker{'s' * (workers > 1)}"  # ray_1_worker, ray_2_workers
+
+
 def markdown(result: dict[str, Any]) -> str:
     tr, dat, st = result["training"], result["data"], result["startup"]
     rows = [
-        ("Ray path, 1 worker (img/s)", tr["ray_1_worker"]["images_per_s"], ""),
-        ("Ray path, 2 workers (img/s)", tr["ray_2_workers"]["images_per_s"], ""),
+        *((f"Ray path, {w} worker{'s' * (w > 1)} (img/s)", tr[_ray_key(w)]["images_per_s"], "")
+          for w in result["settings"]["ray_workers"]),
         (f"plain PyTorch loop, {tr['plain']['torch_threads']} threads (img/s)", tr["plain"]["images_per_s"], ""),
         ("**ratio best Ray / plain**", result["ratio_ray_vs_plain"], f">= {TARGETS['ratio_ray_vs_plain']}"),
         (f"Ray Data read+augment (img/s, {dat['ray']['ray_cpus']:g} CPUs)", dat["ray"]["images_per_s"], ""),
@@ -521,14 +526,14 @@ def main(argv: list[str] | None = None) -> int:
             # The plain loop gets the CPU threads the Ray workers get in total (the most of the two runs).
             cpus = ray.cluster_resources().get("CPU", 0)
             threads = max(
-                plan_resources(train_config(s, None, tmp, "plan", w, 1), cpus).torch_threads * w for w in (1, 2)
+                plan_resources(train_config(s, None, tmp, "plan", w, 1), cpus).torch_threads * w for w in s.ray_workers
             )
             log(f"plain loop, {threads} threads")
             training: dict[str, Any] = {"plain": plain_training(s, arrays, threads)}
-            for workers, key in ((1, "ray_1_worker"), (2, "ray_2_workers")):
+            for workers in s.ray_workers:
                 log(f"Ray training, {workers} worker(s)")
-                training[key] = ray_training(s, prepared, tmp / "runs", workers)
-            best = max(training["ray_1_worker"]["images_per_s"], training["ray_2_workers"]["images_per_s"])
+                training[_ray_key(workers)] = ray_training(s, prepared, tmp / "runs", workers)
+            best = max(training[_ray_key(w)]["images_per_s"] for w in s.ray_workers)
             result["training"] = training
             result["ratio_ray_vs_plain"] = best / training["plain"]["images_per_s"]
 

@@ -33,6 +33,7 @@ def test_quick_benchmark_writes_measured_reports(tmp_path):
     assert result["tune_startup"]["trials"] == result["settings"]["tune_trials"]
     assert "augment_batch" in result["data"]["ray"]["ray_data_stats_last_pass"]
     assert result["training"]["plain"]["images_per_s"] > 0
+    assert sorted(result["training"]) == ["plain", "ray_2_workers"]  # quick mode: the Ray path with 2 workers only
     assert result["data"]["augment_256px_per_core"]["image_size"] == 256
     assert result["augment_256px_images_per_s_per_core"] > 0
     assert "skipped" in result["gpu"] or result["gpu"]["images_per_s_128px_bf16_channels_last"] > 0

@@ -167,6 +167,19 @@ class FixedLogits(torch.nn.Module):
         return logits
 
 
+def test_a_resumed_run_keeps_the_class_weights_it_trained_with():
+    computed = [0.5, 2.0]  # what the driver computed from this run's training pixels
+    assert worker.loss_class_weights(None, computed).tolist() == computed  # a new run
+    assert worker.loss_class_weights(None, None) is None
+    weighted = {"config": {"optim": {"class_weights": "inverse_log"}}}
+    assert worker.loss_class_weights({**weighted, "class_weights": [1.0, 3.0]}, computed).tolist() == [1.0, 3.0]
+    assert worker.loss_class_weights({**weighted, "class_weights": None}, computed) is None  # trained unweighted
+    # a checkpoint from before optim.class_weights existed trained unweighted, whatever today's default
+    assert worker.loss_class_weights({"config": {"optim": {"lr": 1e-3}}}, computed) is None
+    # one with the option but without the saved weights (written before they were saved) used the driver's
+    assert worker.loss_class_weights({"config": {"optim": {"class_weights": "auto"}}}, computed).tolist() == computed
+
+
 def test_native_size_iou_against_a_hand_computation():
     # Upsampled bilinearly (half-pixel centres) to 8x8, the logit of output column j is read at
     # input x = (j + 0.5) / 2 - 0.5: columns 0-3 lie nearer the +1 columns (column 3: 0.75*1 +

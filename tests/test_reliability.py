@@ -70,7 +70,8 @@ def test_foreign_parquet_is_refused(tmp_path, capsys):
 
 @pytest.mark.ray
 class TestBadInputThroughRay:
-    """prepare (and train, which prepares on the way) through a real Ray Data pipeline."""
+    """prepare (and train, which prepares on the way) with a real Ray; prepare decodes through Ray
+    Data tasks and (as it does for a few hundred pairs or fewer) in the calling process."""
 
     @pytest.fixture(scope="class", autouse=True)
     def ray_session(self):
@@ -82,7 +83,31 @@ class TestBadInputThroughRay:
         yield
         ray.shutdown()
 
-    def test_prepare_names_every_bad_file(self, bad_pairs, tmp_path, capsys):
+    @pytest.fixture(params=["ray_tasks", "in_process"])
+    def decode_in(self, request, monkeypatch):
+        """prepare decodes with Ray Data tasks, or (a few hundred pairs or fewer) in this process."""
+        from unet_ray import prepare
+
+        monkeypatch.setattr(prepare, "IN_PROCESS_MAX_PAIRS", 0 if request.param == "ray_tasks" else 10**6)
+        return request.param
+
+    def test_both_decode_paths_write_the_same_rows(self, tmp_path, monkeypatch):
+        import pyarrow.parquet as pq
+
+        from unet_ray import prepare
+
+        src = pairs.write_synthetic(tmp_path / "pairs", 40, 5, seed=3)  # two decode batches of train
+        tables = {}
+        for limit in (0, 10**6):
+            monkeypatch.setattr(prepare, "IN_PROCESS_MAX_PAIRS", limit)
+            out = tmp_path / f"out{limit}"
+            prepare.prepare(src, out, 32, "cityscapes19", progress=lambda _: None)
+            tables[limit] = {split: pq.read_table(out / split).sort_by("id") for split in ("train", "val")}
+            assert json.loads((out / "meta.json").read_text())["counts"] == {"train": 40, "val": 5}
+        for split in ("train", "val"):
+            assert tables[0][split].equals(tables[10**6][split]), split
+
+    def test_prepare_names_every_bad_file(self, bad_pairs, decode_in, tmp_path, capsys):
         assert main(["prepare", "--src", str(bad_pairs), "--out", str(tmp_path / "out"), "--image-size", "64"]) == 2
         err = capsys.readouterr().err
         assert f"{len(BAD_FILES)} of {6 + 3 + len(BAD_FILES)} pair files" in err
@@ -91,7 +116,7 @@ class TestBadInputThroughRay:
             assert words in line, f"{name}: {line!r}"
         assert not (tmp_path / "out").exists()  # nothing half-written
 
-    def test_prepare_skips_and_counts_when_allowed(self, bad_pairs, tmp_path, capsys):
+    def test_prepare_skips_and_counts_when_allowed(self, bad_pairs, decode_in, tmp_path, capsys):
         out = tmp_path / "out"
         assert main(["prepare", "--src", str(bad_pairs), "--out", str(out), "--image-size", "64", "--skip-bad-files"]) == 0
         meta = json.loads((out / "meta.json").read_text())

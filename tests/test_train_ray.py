@@ -138,6 +138,11 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
     weights_line = next(line for line in printed if line.startswith("loss: class weights (inverse_log"))
     assert f"road {expected[0]:.1f}, sidewalk {expected[1]:.1f}, building {expected[2]:.1f}" in weights_line
     assert expected.min() < 5 and expected.max() > 40  # common classes low, absent ones high
+    # ... and they are what the workers' loss used: the checkpoint saves the weights it trained with
+    from unet_ray import checkpoint as ckpt_io
+
+    saved = ckpt_io.load_state(summary["checkpoint"])["class_weights"]
+    assert saved == pytest.approx(expected.tolist(), rel=1e-6)
 
     def refuse(constant):
         raise ValueError(f"{constant} in {run_dir}")
@@ -241,18 +246,17 @@ def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240)
 
 def test_killed_worker_restarts_from_latest_checkpoint(ray_session, tmp_path):
     """SIGKILL a training worker during epoch 2 of a 4-epoch run: the run restarts its workers
-    from the epoch-1 checkpoint, reports every epoch once and reaches the IoU of an uninterrupted
-    run of the same seed.
+    from the epoch-1 checkpoint, reports every epoch once and ends on the plateau that an
+    uninterrupted run of this setting reaches.
 
-    192 training pairs: 4 epochs then reach the plateau, where runs of one seed agree (best IoU
-    0.934, 0.948, 0.943 in 3 runs, measured; the data order is not seeded). With the 64 pairs
-    of the other tests, 4 epochs ended anywhere from 0.55 to 0.92: too wide to tell a bad
-    restart from chance."""
+    192 training pairs: 4 epochs then reach the plateau, where runs agree (uninterrupted, best
+    IoU 0.934, 0.948 and 0.943 in 3 runs, measured; the data order is not seeded), so the bound
+    0.85 tells a bad restart from chance without training a reference run next to it. With the
+    64 pairs of the other tests, 4 epochs ended anywhere from 0.55 to 0.92."""
     import threading
 
     from unet_ray.train import read_history, run_dir_of, run_training
 
-    reference = run_training(small_config(tmp_path, name="reference", epochs=4, synth_train=192))
     cfg = small_config(tmp_path, name="killed", epochs=4, synth_train=192)
     killed = {}
     watcher = threading.Thread(
@@ -268,7 +272,7 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_session, tmp_path):
     # epoch 2 is the first after the restart, trained from the epoch-1 checkpoint; no other restart
     assert [row["restored_from_epoch"] for row in history] == [0, 1, 0, 0]
     assert summary["last_metrics"]["epoch"] == 4
-    assert summary["metrics"]["val_iou"] == pytest.approx(reference["metrics"]["val_iou"], abs=0.05)
+    assert summary["metrics"]["val_iou"] >= 0.85, history
 
 
 def test_val_is_shared_by_every_worker_without_dropping_rows(trained):

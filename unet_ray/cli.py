@@ -81,13 +81,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from unet_ray.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigError, check_image_size
-    from unet_ray.prepare import list_source, prepare
+    from unet_ray.prepare import needs_ray, prepare
     from unet_ray.train import ensure_ray
 
     if not check_image_size(args.image_size):
         raise ConfigError(f"--image-size {args.image_size}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
-    list_source(Path(args.src).expanduser())  # missing or empty train/, val/: an error before Ray
-    ensure_ray()
+    if needs_ray(Path(args.src)):  # missing or empty train/, val/: a DataError here, before Ray
+        ensure_ray()
     prepare(args.src, args.out, args.image_size, args.classes, args.skip_bad_files)
     return 0
 

@@ -97,6 +97,7 @@ def read_pair(path: str | os.PathLike) -> Pair:
 # ---------------------------------------------------------------------------------------------
 
 _COLOR = {lb.name: lb.color for lb in palette.LABELS}
+_SCENE_CLASSES = ("sky", "building", "vegetation", "terrain", "sidewalk", "road", "car", "pole")
 
 
 def _scene(rng: np.random.Generator, size: int = PAIR_HEIGHT) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +110,9 @@ def _scene(rng: np.random.Generator, size: int = PAIR_HEIGHT) -> tuple[np.ndarra
     """
     h = w = size
     yy, xx = np.mgrid[0:h, 0:w]
-    label = np.full((h, w), "sky", dtype=object)
+    # class of every pixel as an index into _SCENE_CLASSES (an array of names was 6x slower)
+    code = {name: np.uint8(i) for i, name in enumerate(_SCENE_CLASSES)}
+    label = np.full((h, w), code["sky"], dtype=np.uint8)
     horizon = int(rng.uniform(0.35, 0.5) * h)
     vanish_x = rng.uniform(0.35, 0.65) * w
 
@@ -119,9 +122,9 @@ def _scene(rng: np.random.Generator, size: int = PAIR_HEIGHT) -> tuple[np.ndarra
         bw = int(rng.uniform(0.1, 0.3) * w)
         top = int(horizon - rng.uniform(0.1, 0.35) * h)
         kind = "vegetation" if rng.random() < 0.3 else "building"
-        label[max(top, 0):horizon, x:x + bw] = kind
+        label[max(top, 0):horizon, x:x + bw] = code[kind]
         x += bw
-    label[horizon:, :] = "terrain"
+    label[horizon:, :] = code["terrain"]
 
     # road wedge from the bottom edge to the vanishing point, sidewalks on both sides
     t = np.clip((yy - horizon) / max(h - horizon, 1), 0, 1)
@@ -129,8 +132,8 @@ def _scene(rng: np.random.Generator, size: int = PAIR_HEIGHT) -> tuple[np.ndarra
     half_walk = half_road * rng.uniform(1.25, 1.5)
     centre = vanish_x + t * (w / 2 - vanish_x) * rng.uniform(0.5, 1.0)
     below = yy >= horizon
-    label[below & (np.abs(xx - centre) < half_walk)] = "sidewalk"
-    label[below & (np.abs(xx - centre) < half_road)] = "road"
+    label[below & (np.abs(xx - centre) < half_walk)] = code["sidewalk"]
+    label[below & (np.abs(xx - centre) < half_road)] = code["road"]
 
     # cars on the road, perspective-scaled
     for _ in range(rng.integers(0, 4)):
@@ -139,15 +142,15 @@ def _scene(rng: np.random.Generator, size: int = PAIR_HEIGHT) -> tuple[np.ndarra
         cw = max(int(row_t * 0.35 * w), 4)
         ch = max(int(cw * 0.6), 3)
         cx = int(centre[cy, 0] + rng.uniform(-1, 1) * max(half_road[cy, 0] - cw / 2, 1))
-        label[max(cy - ch, 0):cy, max(cx - cw // 2, 0):cx + cw // 2] = "car"
+        label[max(cy - ch, 0):cy, max(cx - cw // 2, 0):cx + cw // 2] = code["car"]
 
     # poles at the sidewalk edge
     for _ in range(rng.integers(0, 3)):
         px = int(rng.uniform(0, w - 3))
         ptop = int(rng.uniform(0.05, 0.3) * h)
-        label[ptop:int(horizon + rng.uniform(0.05, 0.2) * h), px:px + 3] = "pole"
+        label[ptop:int(horizon + rng.uniform(0.05, 0.2) * h), px:px + 3] = code["pole"]
 
-    names = sorted(set(label.ravel()))
+    names = sorted(_SCENE_CLASSES[i] for i in np.unique(label))  # colours are drawn in name order
     photo = np.zeros((h, w, 3), dtype=np.float32)
     mask = np.zeros((h, w, 3), dtype=np.uint8)
     base_photo_color = {
@@ -156,7 +159,7 @@ def _scene(rng: np.random.Generator, size: int = PAIR_HEIGHT) -> tuple[np.ndarra
         "car": (40, 50, 120), "pole": (60, 60, 60),
     }
     for name in names:
-        sel = label == name
+        sel = label == code[name]
         jitter = rng.normal(0, 18, 3)
         photo[sel] = np.clip(np.array(base_photo_color[name]) + jitter, 0, 255)
         mask[sel] = _COLOR[name]

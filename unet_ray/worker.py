@@ -54,8 +54,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # first-batch wait), which would otherwise begin only once the model is ready.
     first_batches = start_in_background(train_batches()) if start_epoch < cfg.optim.epochs else None
 
-    # computed by the driver from the training pixels: the same on every worker and after a resume
-    weights = torch.tensor(loop_config["class_weights"]) if loop_config.get("class_weights") else None
+    weights = loss_class_weights(state, loop_config.get("class_weights"))
     torch.manual_seed(cfg.run.seed)
     net = build_model(cfg.model, cfg.num_classes)
     bf16 = recipe.use_bf16(cfg.run.precision, device)
@@ -159,6 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     tmp,
                     {
                         **training_state(plain, optimizer, schedule, ema),
+                        "class_weights": None if weights is None else weights.tolist(),
                         "epoch": epoch,
                         "best_val_iou": best_iou,
                         "metrics": {k: v for k, v in report.items() if not isinstance(v, list)},
@@ -184,6 +184,18 @@ def training_state(plain, optimizer, schedule, ema) -> dict[str, Any]:
         state["train_model"] = plain.state_dict()
         state["ema_updates"] = int(ema.n_averaged)
     return state
+
+
+def loss_class_weights(state: dict[str, Any] | None, computed: list[float] | None) -> torch.Tensor | None:
+    """The loss's weight per class (None: unweighted). A new run takes the ones the driver computed
+    from the training pixels (the same on every worker); a resumed run the ones its checkpoint
+    trained with, so that its loss does not change at the resume. Checkpoints written before
+    `optim.class_weights` existed have no such entry and trained unweighted."""
+    if state is not None and "class_weights" in state:
+        computed = state["class_weights"]
+    elif state is not None and "class_weights" not in state.get("config", {}).get("optim", {}):
+        computed = None
+    return torch.tensor(computed, dtype=torch.float32) if computed else None
 
 
 def restore_training_state(state: dict[str, Any], plain, optimizer, schedule, ema) -> None:
