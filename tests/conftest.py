@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from unet_ray import pairs
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End a run that used Ray in this process with pytest's own exit status, without Python's
+    interpreter finalization. Once (2026-12-01, 1 of 4 full runs), the suite segfaulted there
+    *after* printing "304 passed": Ray's core worker is not safe to tear down after several
+    ray.init/ray.shutdown cycles in one process (ray-project/ray#31145). Every test has run and
+    been reported by then; what is skipped is only that teardown."""
+    if "ray" in sys.modules and _EXIT_STATUS in config.stash:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[_EXIT_STATUS])
 
 
 @pytest.fixture
