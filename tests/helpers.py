@@ -37,7 +37,19 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
-    assert not session_pids(sid), f"processes of session {sid} still alive after {timeout}s"
+    survivors = session_pids(sid)
+    assert not survivors, f"processes of session {sid} still alive after {timeout}s: {[_describe(p) for p in survivors]}"
+
+
+def _describe(pid: int) -> str:
+    """'pid state command (waiting in: kernel function)' from /proc, for a failure message."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        wchan = Path(f"/proc/{pid}/wchan").read_text() if Path(f"/proc/{pid}/wchan").exists() else "?"
+        return f"{pid} {rest[0]} {command} (parent {rest[1]}, waiting in {wchan or '-'})"
+    except (OSError, ValueError):
+        return f"{pid} (gone)"
 
 
 LOOPBACK_HEX = {  # as /proc/net/tcp{,6} write them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from helpers import kill_session
@@ -94,6 +96,42 @@ def _history(experiment: Path, trial: str) -> list[int]:
     return [json.loads(x)["epoch"] for x in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _history_rows(experiment: Path, trial: str) -> list[dict]:
+    path = experiment / "runs" / trial / "history.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _trial_results_in_order(console_output: str) -> list[tuple[str, int]]:
+    """(trial id, epoch) of each `tune: trial X epoch E/N` line, in the order printed."""
+    return [(t, int(e)) for t, e in re.findall(r"tune: trial (\S+) epoch (\d+)/", console_output)]
+
+
+class _AshaRule:
+    """Asynchronous successive halving as Ray's ASHAScheduler applies it (one bracket): when a
+    trial first reaches a rung, it is cut if its value is below the (1 - 1/rf) percentile of the
+    values recorded there before it; then its value is recorded."""
+
+    def __init__(self, grace: int, reduction_factor: int, max_t: int):
+        self.rf = reduction_factor
+        count = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
+        self.rungs = {grace * reduction_factor**k: {} for k in range(count)}
+
+    def replay(self, results: list[tuple[str, int]], values: dict[str, dict[int, float]]) -> dict[str, int]:
+        """The (trial -> epoch) cuts of `results` in this order."""
+        cuts = {}
+        for trial, epoch in results:
+            for milestone in sorted(self.rungs, reverse=True):
+                recorded = self.rungs[milestone]
+                if epoch < milestone or trial in recorded:
+                    continue
+                value = values[trial][epoch]
+                if recorded and value < np.nanpercentile(list(recorded.values()), (1 - 1 / self.rf) * 100):
+                    cuts[trial] = epoch
+                recorded[trial] = value
+                break
+        return cuts
+
+
 def _finished_trials(experiment: Path) -> int:
     return sum(1 for rows in _trial_rows(experiment).values() if rows[-1].get("done"))
 
@@ -112,6 +150,44 @@ def test_searcher_limits_concurrency():
     from unet_ray.tune import _searcher
 
     assert _searcher(load_sweep(SMOKE), 3).max_concurrent == 3
+
+
+def _write_history(runs: Path, trial_id: str, values: list[float]) -> None:
+    (runs / trial_id).mkdir(parents=True)
+    rows = [json.dumps({"epoch": e, "val_iou": v}) for e, v in enumerate(values, start=1)]
+    (runs / trial_id / "history.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_resumed_asha_cuts_against_the_results_of_before_the_interruption(tmp_path):
+    """Tune pickles the scheduler as the sweep began and does not save its rungs: a resumed sweep
+    must refill them from the trials' histories (fails with a plain ASHAScheduler)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from unet_ray.tune import _scheduler
+
+    sweep = load_sweep(SMOKE)  # grace 3, reduction factor 2, 8 epochs: rungs at epochs 3 and 6
+    runs = tmp_path / "runs"
+    _write_history(runs, "finished", [0.5, 0.7, 0.90, 0.91, 0.92, 0.95, 0.95, 0.96])
+    _write_history(runs, "interrupted", [0.4, 0.6, 0.80, 0.84])  # Ctrl-C after epoch 4
+    resumed = _scheduler(sweep, runs)  # what Tuner.restore hands back: fresh, empty rungs
+    for trial_id in ("finished", "interrupted", "new"):  # Tune adds every restored trial, then new ones
+        resumed.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+
+    def decide(trial_id, epoch, val_iou):
+        return resumed.on_trial_result(None, SimpleNamespace(trial_id=trial_id), {"epoch": epoch, "val_iou": val_iou})
+
+    # a trial started after the resume meets the rung of epoch 3 as it was: 0.84 < median(0.90, 0.80) = 0.85
+    assert decide("new", 3, 0.84) == TrialScheduler.STOP
+    # the interrupted trial continues at epoch 5: rung 3 is behind it (no second cut there) ...
+    assert decide("interrupted", 5, 0.10) == TrialScheduler.CONTINUE
+    # ... and at epoch 6 it meets the finished trial's 0.95
+    assert decide("interrupted", 6, 0.86) == TrialScheduler.STOP
+    # a fresh sweep (no histories) cuts nobody who is first at a rung
+    fresh = _scheduler(sweep, tmp_path / "empty")
+    fresh.on_trial_add(None, SimpleNamespace(trial_id="new"))
+    assert fresh.on_trial_result(None, SimpleNamespace(trial_id="new"), {"epoch": 3, "val_iou": 0.1}) == TrialScheduler.CONTINUE
 
 
 def test_finished_train_run_hands_its_last_report_to_tune():
@@ -157,6 +233,8 @@ def test_sweep_interrupted_then_resumed(tmp_path):
     spans = [(r[0]["timestamp"] + 1 - r[0]["time_total_s"], r[-1]["timestamp"]) for r in rows_before.values()]
     assert _most_at_once(spans) <= planned, spans
     histories_before = {t: _history(experiment, t) for t in _trial_rows(experiment)}
+    # what a resumed ASHA refills its rungs from: every trial's Train history at the interruption
+    refill = {run.name: _history(experiment, run.name) for run in sorted((experiment / "runs").iterdir())}
 
     # 2. resume: finished trials are not run again, the others complete
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=500)
@@ -178,9 +256,21 @@ def test_sweep_interrupted_then_resumed(tmp_path):
         tune_epochs = [r["epoch"] for r in trial_rows]
         assert tune_epochs == history[len(history) - len(tune_epochs):]
 
-    # ASHA stopped at least one trial before its last epoch
-    max_epochs = yaml.safe_load(SMOKE.read_text())["optim"]["epochs"]
-    assert any(r[-1]["epoch"] < max_epochs for r in rows.values()), {t: len(r) for t, r in rows.items()}
+    # ASHA stopped exactly the trials its rule stops, given the order in which the driver received
+    # the results (the order of our trial lines: Tune calls the scheduler, then the callbacks) and
+    # their exact values (the Train histories). Whether a trial is cut depends on that order, so
+    # the check is "these and no others", never "at least one". On resume the rungs restart
+    # from the histories as they stood at the interruption.
+    smoke = yaml.safe_load(SMOKE.read_text())
+    max_epochs = smoke["optim"]["epochs"]
+    values = {t: {r["epoch"]: r["val_iou"] for r in _history_rows(experiment, t)} for t in {*rows, *refill}}
+    asha = _AshaRule(smoke["tune"]["grace_period"], smoke["tune"]["reduction_factor"], max_epochs)
+    expected_cuts = asha.replay(_trial_results_in_order((tmp_path / "first.log").read_text()), values)
+    asha = _AshaRule(smoke["tune"]["grace_period"], smoke["tune"]["reduction_factor"], max_epochs)
+    asha.replay([(t, e) for t, epochs in refill.items() for e in epochs], values)  # refilled, not decided
+    expected_cuts.update(asha.replay(_trial_results_in_order(resumed.stdout), values))
+    actual_cuts = {t: r[-1]["epoch"] for t, r in rows.items() if r[-1]["epoch"] < max_epochs}
+    assert actual_cuts == expected_cuts, {t: [(e, round(v, 4)) for e, v in vs.items()] for t, vs in values.items()}
 
     # best.json names the trial with the highest reported val_iou, and its checkpoint evaluates to it
     best = json.loads((experiment / "best.json").read_text())

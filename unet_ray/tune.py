@@ -250,7 +250,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
             param_space=param_space(sweep.search),
             tune_config=tune.TuneConfig(
                 num_samples=sweep.tune.num_samples,
-                scheduler=_scheduler(sweep),
+                scheduler=_scheduler(sweep, experiment / RUNS_DIR),
                 # the searcher carries the concurrency limit: Tune ignores max_concurrent_trials
                 # when it is given a BasicVariantGenerator
                 search_alg=_searcher(sweep, concurrency),
@@ -269,13 +269,17 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
     return summary
 
 
-def _scheduler(sweep: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(sweep: SweepConfig, runs_dir: Path):
+    """Tune's trial scheduler; ASHA refills its rungs from `runs_dir` when a sweep resumes."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from unet_ray.asha import ResumableASHA
 
     t = sweep.tune
     if t.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return ResumableASHA(
+        runs_dir=str(runs_dir),
         time_attr="epoch",
         metric="val_iou",
         mode="max",
