@@ -42,14 +42,13 @@ def kill_session(sid: int, timeout: float = 30.0) -> None:
 
 
 def _describe(pid: int) -> str:
-    """'pid state command (waiting in: kernel function)' from /proc, for a failure message."""
+    """'pid state command (parent ppid)' from /proc, for a failure message."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        command, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-        wchan = Path(f"/proc/{pid}/wchan").read_text() if Path(f"/proc/{pid}/wchan").exists() else "?"
-        return f"{pid} {rest[0]} {command} (parent {rest[1]}, waiting in {wchan or '-'})"
-    except (OSError, ValueError):
+    except OSError:
         return f"{pid} (gone)"
+    command, (state, parent) = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()[:2]
+    return f"{pid} {state} {command} (parent {parent})"
 
 
 LOOPBACK_HEX = {  # as /proc/net/tcp{,6} write them

@@ -19,6 +19,7 @@ from helpers import kill_session
 
 from unet_ray import console
 from unet_ray.config import ConfigError
+from unet_ray.train import read_history
 from unet_ray.tune import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,13 +93,8 @@ def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
 
 
 def _history(experiment: Path, trial: str) -> list[int]:
-    path = experiment / "runs" / trial / "history.jsonl"
-    return [json.loads(x)["epoch"] for x in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _history_rows(experiment: Path, trial: str) -> list[dict]:
-    path = experiment / "runs" / trial / "history.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    """The epochs in the trial's Train record, runs/<trial>/history.jsonl."""
+    return [row["epoch"] for row in read_history(experiment / "runs" / trial)]
 
 
 def _trial_results_in_order(console_output: str) -> list[tuple[str, int]]:
@@ -232,9 +228,8 @@ def test_sweep_interrupted_then_resumed(tmp_path):
     # `timestamp` is whole seconds (rounded down): +1 keeps each span inside the trial's real one
     spans = [(r[0]["timestamp"] + 1 - r[0]["time_total_s"], r[-1]["timestamp"]) for r in rows_before.values()]
     assert _most_at_once(spans) <= planned, spans
-    histories_before = {t: _history(experiment, t) for t in _trial_rows(experiment)}
-    # what a resumed ASHA refills its rungs from: every trial's Train history at the interruption
-    refill = {run.name: _history(experiment, run.name) for run in sorted((experiment / "runs").iterdir())}
+    # every trial's Train history at the interruption: what a resumed ASHA refills its rungs from
+    histories_before = {run.name: _history(experiment, run.name) for run in sorted((experiment / "runs").iterdir())}
 
     # 2. resume: finished trials are not run again, the others complete
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=500)
@@ -251,7 +246,7 @@ def test_sweep_interrupted_then_resumed(tmp_path):
         history = _history(experiment, trial)
         assert history == list(range(1, len(history) + 1)), f"{trial} trained an epoch twice: {history}"
         if trial in finished_before:
-            assert history == histories_before[trial], f"finished trial {trial} ran again"
+            assert history == histories_before.get(trial, []), f"finished trial {trial} ran again"
         # Tune restarts an unfinished trial's result.json; its rows are the epochs run since
         tune_epochs = [r["epoch"] for r in trial_rows]
         assert tune_epochs == history[len(history) - len(tune_epochs):]
@@ -263,12 +258,16 @@ def test_sweep_interrupted_then_resumed(tmp_path):
     # from the histories as they stood at the interruption.
     smoke = yaml.safe_load(SMOKE.read_text())
     max_epochs = smoke["optim"]["epochs"]
-    values = {t: {r["epoch"]: r["val_iou"] for r in _history_rows(experiment, t)} for t in {*rows, *refill}}
+    values = {t: {r["epoch"]: r["val_iou"] for r in read_history(experiment / "runs" / t)} for t in {*rows, *histories_before}}
+    printed_before = _trial_results_in_order((tmp_path / "first.log").read_text())
+    printed_after = _trial_results_in_order(resumed.stdout)
+    # every result Tune recorded was printed (else the replay below would judge from too little)
+    assert {(t, r["epoch"]) for t, trial_rows in rows.items() for r in trial_rows} <= {*printed_before, *printed_after}
     asha = _AshaRule(smoke["tune"]["grace_period"], smoke["tune"]["reduction_factor"], max_epochs)
-    expected_cuts = asha.replay(_trial_results_in_order((tmp_path / "first.log").read_text()), values)
+    expected_cuts = asha.replay(printed_before, values)
     asha = _AshaRule(smoke["tune"]["grace_period"], smoke["tune"]["reduction_factor"], max_epochs)
-    asha.replay([(t, e) for t, epochs in refill.items() for e in epochs], values)  # refilled, not decided
-    expected_cuts.update(asha.replay(_trial_results_in_order(resumed.stdout), values))
+    asha.replay([(t, e) for t, epochs in histories_before.items() for e in epochs], values)  # refilled, not decided
+    expected_cuts.update(asha.replay(printed_after, values))
     actual_cuts = {t: r[-1]["epoch"] for t, r in rows.items() if r[-1]["epoch"] < max_epochs}
     assert actual_cuts == expected_cuts, {t: [(e, round(v, 4)) for e, v in vs.items()] for t, vs in values.items()}
 

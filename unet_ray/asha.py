@@ -25,13 +25,13 @@ class ResumableASHA(ASHAScheduler):
     """ASHAScheduler (its arguments) whose rungs hold, for every trial Tune adds, the results in
     `runs_dir`/<trial_id>/history.jsonl. A new trial has no history and adds nothing."""
 
-    def __init__(self, runs_dir: str, **asha_args):
+    def __init__(self, runs_dir: str | Path, **asha_args):
         super().__init__(**asha_args)
-        self._runs_dir = str(runs_dir)
+        self._runs_dir = str(runs_dir)  # a str pickles the same everywhere
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        for row in read_history(Path(self._runs_dir) / trial.trial_id):
+        for row in read_history(Path(self._runs_dir, trial.trial_id)):
             value = row.get(self._metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 # the decision returned is history: it was carried out before the interruption,

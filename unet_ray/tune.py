@@ -279,7 +279,7 @@ def _scheduler(sweep: SweepConfig, runs_dir: Path):
     if t.scheduler == "fifo":
         return FIFOScheduler()
     return ResumableASHA(
-        runs_dir=str(runs_dir),
+        runs_dir=runs_dir,
         time_attr="epoch",
         metric="val_iou",
         mode="max",
