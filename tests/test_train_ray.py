@@ -220,6 +220,28 @@ def test_local_ray_is_on_loopback_only_with_token_auth(ray_session):
     assert refused.value.code == 401
 
 
+def test_local_ray_processes_get_the_one_machine_settings(ray_session):
+    """What ensure_ray sets for a local Ray reaches its processes (Ray Train's controller reads
+    these in its own process): the 0.5 s controller poll, no preemption watcher, no print patch."""
+    import os
+
+    import ray
+
+    from unet_ray.train import LOCAL_CONTROLLER_POLL_S
+
+    wanted = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": LOCAL_CONTROLLER_POLL_S,
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+
+    @ray.remote(num_cpus=0)
+    def settings_seen() -> dict:
+        return {key: os.environ.get(key) for key in wanted}
+
+    assert ray.get(settings_seen.remote(), timeout=120) == wanted
+
+
 def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240) -> int:
     """Wait (bounded) until `epoch` is in the run's history, then SIGKILL one RayTrainWorker."""
     import os
