@@ -87,7 +87,9 @@ def one_node(tmp_path_factory):
     temp dir and token file: nothing shared with other Ray instances on the machine."""
     temp_dir = short_temp_dir()
     token = tmp_path_factory.mktemp("auth") / "token"
-    env = {**os.environ, "PATH": path_with_this_python(), "RAY_AUTH_TOKEN_PATH": str(token)}
+    # without what an in-process ensure_ray of an earlier test set: `cluster up` must set it itself
+    inherited = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    env = {**inherited, "PATH": path_with_this_python(), "RAY_AUTH_TOKEN_PATH": str(token)}
     port, dashboard_port = cluster.free_port(), cluster.free_port()
     up = subprocess.run(
         [*UNET_RAY_CLI, "cluster", "up", "--temp-dir", temp_dir, "--port", str(port),
@@ -149,6 +151,19 @@ def test_cluster_listens_on_loopback_only(one_node, job1):
     found = listening_addresses(cluster._marked_pids(str(Path(one_node.temp_dir).resolve())))
     assert f"127.0.0.1:{one_node.port}" in found and f"127.0.0.1:{one_node.dashboard_port}" in found
     assert all(address.startswith(("127.0.0.1:", "::1:")) for address in found), found
+
+
+@pytest.mark.ray
+def test_a_job_gets_the_one_machine_settings(one_node):
+    """A job's driver has the settings `cluster up` gives its nodes (Ray Train reads the poll
+    interval in the driver and passes it on to its controller)."""
+    from unet_ray.train import LOCAL_CONTROLLER_POLL_S
+
+    client = jobs_client(one_node)
+    entrypoint = [sys.executable, "-c", "import os; print('poll=' + os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', ''))"]
+    env_job = submit(one_node, entrypoint, "env1")
+    assert env_job.returncode == 0, env_job.stdout + env_job.stderr
+    assert f"poll={LOCAL_CONTROLLER_POLL_S}" in client.get_job_logs("env1")
 
 
 @pytest.mark.ray

@@ -316,7 +316,7 @@ def test_odd_sizes_and_unreadable_files(ray_session, trained, tmp_path, capsys):
     assert rc == 0
     lines = printed.splitlines()
     assert any(line.startswith(f"predict: 9 files -> {out} (model 64px, road, epoch 5 of ") for line in lines)
-    assert any(re.fullmatch(r"predict: 1 model actors \(num_cpus=[\d.]+ each\)", line) for line in lines)
+    assert any(re.fullmatch(r"predict: 1 model actor \(num_cpus=[\d.]+ each\)", line) for line in lines)
     progress = [int(m[1]) for m in (re.fullmatch(r"predict: (\d+)/9 files \([\d.]+/s, ~\d+s left\)", line) for line in lines) if m]
     assert progress and progress == sorted(progress) and progress[-1] == 9, printed
     assert "skipped 4 of 9 files" in printed

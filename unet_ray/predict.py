@@ -449,7 +449,8 @@ def predict(
     rows_per_block = max(batch_size, math.ceil(total / MAX_BLOCKS))
     blocks = math.ceil(total / rows_per_block)
     actors = min(actors, blocks)  # an actor without a block would only load the model for nothing
-    progress(f"predict: {actors} model actors ({', '.join(f'{k}={v:g}' for k, v in resources.items())} each)")
+    each = ", ".join(f"{k}={v:g}" for k, v in resources.items())
+    progress(f"predict: {actors} model actor{'s' if actors != 1 else ''} ({each} each)")
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     del items  # the paths now live in Ray's object store, not in the driver
     ds = ds.map_batches(
