@@ -280,7 +280,12 @@ def test_sweep_interrupted_then_resumed(tmp_path):
     from unet_ray.evaluate import evaluate_checkpoint
 
     evaluated = evaluate_checkpoint(experiment, best["prepared"])
-    assert evaluated["val_iou"] == pytest.approx(best["val_iou"], abs=1e-6)
+    # the checkpoint of the best epoch, exactly; its IoU within a few pixels: the trial validated
+    # on one torch thread, this process evaluates on all of them, and a logit within rounding of
+    # 0 may fall on the other side (seen once in a full run: 0.91823 against 0.91828, one pixel
+    # of the 16 x 64 x 64 val pixels; neighbouring epochs can differ by as little as 1e-4)
+    assert evaluated["epoch"] == reported[top].index(max(reported[top])) + 1
+    assert evaluated["val_iou"] == pytest.approx(best["val_iou"], abs=2e-4)
     # smoke.yaml's best trial has learned the scenes: not "road everywhere" (whose road IoU is the
     # share of road pixels, ~0.3, and whose IoU of everything else is 0)
     assert best["val_iou"] >= 0.6, reported
