@@ -30,6 +30,7 @@ else:  # the test extra installs tomli on 3.10
 from helpers import listening_addresses
 from unet_ray import cluster
 from unet_ray.checkpoint import resolve
+from unet_ray.train import ONE_MACHINE_RAY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "cluster"
@@ -88,7 +89,7 @@ def one_node(tmp_path_factory):
     temp_dir = short_temp_dir()
     token = tmp_path_factory.mktemp("auth") / "token"
     # without what an in-process ensure_ray of an earlier test set: `cluster up` must set it itself
-    inherited = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    inherited = {k: v for k, v in os.environ.items() if k not in ONE_MACHINE_RAY_ENV}
     env = {**inherited, "PATH": path_with_this_python(), "RAY_AUTH_TOKEN_PATH": str(token)}
     port, dashboard_port = cluster.free_port(), cluster.free_port()
     up = subprocess.run(
@@ -157,13 +158,13 @@ def test_cluster_listens_on_loopback_only(one_node, job1):
 def test_a_job_gets_the_one_machine_settings(one_node):
     """A job's driver has the settings `cluster up` gives its nodes (Ray Train reads the poll
     interval in the driver and passes it on to its controller)."""
-    from unet_ray.train import LOCAL_CONTROLLER_POLL_S
-
     client = jobs_client(one_node)
-    entrypoint = [sys.executable, "-c", "import os; print('poll=' + os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', ''))"]
-    env_job = submit(one_node, entrypoint, "env1")
+    names = sorted(ONE_MACHINE_RAY_ENV)
+    show = f"import json, os; print('seen=' + json.dumps({{k: os.environ.get(k) for k in {names!r}}}))"
+    env_job = submit(one_node, [sys.executable, "-c", show], "env1")
     assert env_job.returncode == 0, env_job.stdout + env_job.stderr
-    assert f"poll={LOCAL_CONTROLLER_POLL_S}" in client.get_job_logs("env1")
+    seen = next(line for line in client.get_job_logs("env1").splitlines() if line.startswith("seen="))
+    assert json.loads(seen.removeprefix("seen=")) == ONE_MACHINE_RAY_ENV
 
 
 @pytest.mark.ray

@@ -227,10 +227,10 @@ def test_local_ray_processes_get_the_one_machine_settings(ray_session):
 
     import ray
 
-    from unet_ray.train import LOCAL_CONTROLLER_POLL_S
+    from unet_ray.train import ONE_MACHINE_RAY_ENV
 
     wanted = {
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": LOCAL_CONTROLLER_POLL_S,
+        **ONE_MACHINE_RAY_ENV,
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
@@ -240,6 +240,19 @@ def test_local_ray_processes_get_the_one_machine_settings(ray_session):
         return {key: os.environ.get(key) for key in wanted}
 
     assert ray.get(settings_seen.remote(), timeout=120) == wanted
+
+
+def test_ray_train_still_passes_our_settings_on():
+    """The Ray Train variables ensure_ray and `cluster up` set are names Ray Train still reads and
+    passes from the driver to its controller and workers: a rename in a Ray upgrade would
+    otherwise turn them off without a sign (the tests above only see that the variables are set)."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    from unet_ray.train import ONE_MACHINE_RAY_ENV
+
+    ours = {name for name in ONE_MACHINE_RAY_ENV if name.startswith("RAY_TRAIN_")}
+    assert ours, ONE_MACHINE_RAY_ENV
+    assert ours | {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_PRINT_PATCH"} <= ENV_VARS_TO_PROPAGATE
 
 
 def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240) -> int:

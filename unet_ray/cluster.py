@@ -114,13 +114,12 @@ def _node_env(cluster: LocalCluster, head: bool) -> dict[str, str]:
         # Ray's single-machine mode (set by client_env) refuses to start a second node; extra
         # nodes join the head's 127.0.0.1 with --node-ip-address=127.0.0.1 and stay on loopback.
         env.pop(LOOPBACK_ONLY_ENV)
-    from unet_ray.train import LOCAL_CONTROLLER_POLL_S, WORKER_SOFT_LIMIT
+    from unet_ray.train import ONE_MACHINE_RAY_ENV
 
-    # As ensure_ray does for a local Ray (see there why): keep idle workers alive between epochs,
-    # and poll Ray Train's workers every 0.5 s (this cluster's nodes share one machine; a job's
-    # driver inherits the variable from its node and Ray Train passes it on to its controller).
-    env.setdefault("RAY_num_workers_soft_limit", str(WORKER_SOFT_LIMIT))
-    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_CONTROLLER_POLL_S)
+    # This cluster's nodes share one machine, as a local Ray's processes do; a job's driver
+    # inherits these from its node, and Ray Train passes the poll interval on to its controller.
+    for name, value in ONE_MACHINE_RAY_ENV.items():
+        env.setdefault(name, value)
     return env
 
 

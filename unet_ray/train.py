@@ -22,11 +22,18 @@ from unet_ray.config import ConfigError, TrainConfig, storage_uri
 # CPUs kept free for Ray Data tasks when workers' CPUs are worked out automatically.
 DATA_RESERVE_CPUS = 0.5
 BEST_FILE = "best.json"
-WORKER_SOFT_LIMIT = 8  # idle worker processes a local Ray keeps alive
-# How often Ray Train's controller polls its workers on a local Ray (Ray's default: 2 s, made for
-# large clusters). It also finds a finished run only at its next poll: a tiny 2-epoch run took
-# 41 s instead of 46-47 s from command to "done" (3 runs each, 2-core VM), at the same images/s.
-LOCAL_CONTROLLER_POLL_S = "0.5"
+# Ray settings for Ray's processes when they all share one machine: a local Ray (ensure_ray) and
+# the nodes of a loopback cluster (`unet-ray cluster up`). Set with setdefault: a user's value wins.
+ONE_MACHINE_RAY_ENV = {
+    # Ray kills idle task workers beyond one per CPU. Our quarter-CPU data tasks then start a
+    # fresh process every epoch and pay ~2 s importing albumentations (and torch) each time.
+    "RAY_num_workers_soft_limit": "8",
+    # How often Ray Train's controller polls its workers (Ray's default: 2 s, made for large
+    # clusters). It also finds a finished run only at its next poll: a tiny 2-epoch run took 41 s
+    # instead of 46-47 s from command to "done" (3 runs each, 2-core VM), at the same images/s.
+    # Ray Train passes it from the driver to its controller and workers.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 class TrainingFailed(RuntimeError):
@@ -68,16 +75,14 @@ def ensure_ray(progress=print) -> None:
         ray.init(runtime_env={"env_vars": console.runtime_env_vars()}, **kwargs)
         progress(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
     else:
-        # Ray kills idle task workers beyond one per CPU. Our quarter-CPU data tasks then start a
-        # fresh process every epoch and pay ~2 s importing albumentations (and torch) each time.
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(WORKER_SOFT_LIMIT))
+        for name, value in ONE_MACHINE_RAY_ENV.items():
+            os.environ.setdefault(name, value)
         # Two helpers that cost a 2-core machine CPU while training starts and do nothing here
         # (~1.5 CPU-seconds each, measured): the idle worker processes Ray starts in advance (the
         # training and data tasks of a run cannot use them: Ray Train runs them under its own
         # runtime_env), and Ray Train's watcher for preempted cloud nodes (a local Ray has none).
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_CONTROLLER_POLL_S)
         from unet_ray import console
 
         console.quiet_driver_notices()
