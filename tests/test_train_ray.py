@@ -220,6 +220,10 @@ def test_local_ray_is_on_loopback_only_with_token_auth(ray_session):
     assert refused.value.code == 401
 
 
+# The two Ray Train features ensure_ray turns off outside ONE_MACHINE_RAY_ENV (train.py says why)
+RAY_TRAIN_SWITCHES_OFF = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def test_local_ray_processes_get_the_one_machine_settings(ray_session):
     """What ensure_ray sets for a local Ray reaches its processes (Ray Train's controller reads
     these in its own process): the 0.5 s controller poll, no preemption watcher, no print patch."""
@@ -229,11 +233,7 @@ def test_local_ray_processes_get_the_one_machine_settings(ray_session):
 
     from unet_ray.train import ONE_MACHINE_RAY_ENV
 
-    wanted = {
-        **ONE_MACHINE_RAY_ENV,
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
+    wanted = {**ONE_MACHINE_RAY_ENV, **RAY_TRAIN_SWITCHES_OFF}
 
     @ray.remote(num_cpus=0)
     def settings_seen() -> dict:
@@ -252,7 +252,7 @@ def test_ray_train_still_passes_our_settings_on():
 
     ours = {name for name in ONE_MACHINE_RAY_ENV if name.startswith("RAY_TRAIN_")}
     assert ours, ONE_MACHINE_RAY_ENV
-    assert ours | {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_ENABLE_PRINT_PATCH"} <= ENV_VARS_TO_PROPAGATE
+    assert ours | set(RAY_TRAIN_SWITCHES_OFF) <= ENV_VARS_TO_PROPAGATE
 
 
 def _kill_one_train_worker_after(history_file, epoch: int, timeout: float = 240) -> int:
