@@ -102,6 +102,8 @@ def test_wrong_type(values, key):
         ({"optim": {"lr": -0.1}}, "optim.lr"),
         ({"optim": {"lr": 0}}, "optim.lr"),
         ({"optim": {"epochs": 0}}, "optim.epochs"),
+        ({"optim": {"time_budget": 0}}, "optim.time_budget"),
+        ({"optim": {"time_budget": -5}}, "optim.time_budget"),
         ({"optim": {"batch_size": 0}}, "optim.batch_size"),
         ({"optim": {"dice_weight": -1}}, "optim.dice_weight"),
         ({"optim": {"class_weights": "median"}}, "optim.class_weights"),

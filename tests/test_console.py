@@ -155,6 +155,15 @@ def test_a_train_run_folder_is_read_as_one_trial(tmp_path):
     assert [t["name"] for t in figures["val_metrics"]["data"]] == ["IoU", "mIoU", "Dice", "pixel accuracy"]
 
 
+def test_a_time_budget_run_shows_the_epochs_it_planned(tmp_path):
+    run = _run_folder(tmp_path, [0.2, 0.7])
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    (run / "history.jsonl").write_text("".join(json.dumps({**r, "epochs_planned": 5}) + "\n" for r in rows))
+    assert read_experiment(run).max_epochs == 5  # not the config's cap
+    (tmp_path / "plain").mkdir()
+    assert read_experiment(_run_folder(tmp_path / "plain", [0.2])).max_epochs is None  # no plan, no checkpoint
+
+
 def test_a_run_without_best_json_that_went_quiet_is_interrupted(tmp_path):
     run = _run_folder(tmp_path, [0.2])
     snapshot = read_experiment(run, now=time.time() + 3600)

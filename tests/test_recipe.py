@@ -251,3 +251,67 @@ def test_a_run_resumed_with_more_epochs_follows_the_longer_plan():
     resumed.load_state_dict(saved)
     assert resumed.steps_done == 20
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs(longer, 10)[20])  # mid-way down, not 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "poly"])
+def test_a_time_budget_replan_gives_the_schedule_planned_for_that_many_epochs(schedule):
+    """After epoch 1 a time-budget run re-plans its schedule for the epochs that fit: from there on
+    its learning rates are those of a run configured with that many epochs, ending at the end value."""
+    cfg = optim_cfg(schedule=schedule, warmup_epochs=0.5, epochs=10)  # at most 10 epochs
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = recipe.build_optimizer([param], cfg)
+    schedule_ = recipe.StepSchedule(optimizer, cfg, steps_per_epoch=10)
+    for _ in range(10):  # epoch 1
+        optimizer.step()
+        schedule_.step()
+    schedule_.replan(4)
+    seen = [optimizer.param_groups[0]["lr"]]
+    for _ in range(30 + 3):  # epochs 2-4, and 3 steps more: no climb past the end
+        optimizer.step()
+        schedule_.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    planned = lrs(optim_cfg(schedule=schedule, warmup_epochs=0.5, epochs=4), steps_per_epoch=10, extra_steps=3)
+    assert seen == pytest.approx(planned[10:], rel=1e-9, abs=1e-15)
+    assert schedule_.total_steps == 40 and seen[30] == pytest.approx(planned[-1])
+    # a resumed run builds its schedule with the saved plan and continues exactly
+    resumed = recipe.StepSchedule(optimizer, cfg, steps_per_epoch=10, epochs=4)
+    resumed.load_state_dict({"steps_done": 20})
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(planned[20])
+
+
+def test_plan_epochs_fits_the_budget_between_the_epochs_done_and_the_cap():
+    # 100 s left at 30 s an epoch: 3 more after the one done
+    assert recipe.plan_epochs(seconds_left=100, epoch_seconds=30, epochs_done=1, max_epochs=16) == 4
+    assert recipe.plan_epochs(seconds_left=1000, epoch_seconds=30, epochs_done=1, max_epochs=16) == 16  # the cap
+    assert recipe.plan_epochs(seconds_left=20, epoch_seconds=30, epochs_done=1, max_epochs=16) == 1  # none more fits
+    assert recipe.plan_epochs(seconds_left=-5, epoch_seconds=30, epochs_done=1, max_epochs=16) == 1  # already late
+    # epoch 1: 40 s in all, 30 s of training in 11 steps, the first of which took 5 s (waiting for
+    # data): a later epoch should take 40 - 5 + 2.5 s
+    assert recipe.steady_epoch_seconds(40.0, 30.0, 5.0, steps=11) == pytest.approx(37.5)
+    assert recipe.steady_epoch_seconds(40.0, 30.0, 30.0, steps=1) == 40.0  # one step: nothing to separate
+
+
+def test_epochs_to_train_keeps_a_time_budget_plan_across_a_resume():
+    from unet_ray.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"optim": {"epochs": 30, "time_budget": 20}})
+    assert worker.epochs_to_train(cfg, None, deadline=None) == (30, False)  # no budget: optim.epochs
+    assert worker.epochs_to_train(cfg, None, deadline=1e9) == (30, True)  # a new run plans after epoch 1
+    assert worker.epochs_to_train(cfg, {"epoch": 3, "budget_epochs": 12}, deadline=1e9) == (12, False)
+    # a checkpoint from before the plan (or without a budget) plans again; a smaller cap wins
+    assert worker.epochs_to_train(cfg, {"epoch": 3}, deadline=1e9) == (30, True)
+    fewer = TrainConfig.from_dict({"optim": {"epochs": 10, "time_budget": 20}})
+    assert worker.epochs_to_train(fewer, {"epoch": 3, "budget_epochs": 12}, deadline=1e9) == (10, False)
+    # without a budget a resumed run follows optim.epochs (resuming with more epochs stretches it)
+    assert worker.epochs_to_train(cfg, {"epoch": 3}, deadline=None) == (30, False)
+
+
+def test_a_budget_plan_is_made_once_then_only_shortened():
+    # epoch 1: 40 s in all, 30 s of training in 11 steps, the first of which waited 5 s for data
+    epoch_1 = {"epoch": 1, "epoch_seconds": 40.0, "train_seconds": 30.0, "first_step_s": 5.0}
+    assert worker.budget_plan(epoch_1, 375.0, None, 16, steps_per_epoch=11) == (37.5, 11)  # 1 + 375 // 37.5
+    on_pace = {"epoch": 5, "epoch_seconds": 37.0, "train_seconds": 27.0, "first_step_s": 2.5}
+    assert worker.budget_plan(on_pace, 6 * 37.5, 11, 16, 11)[1] == 11  # 6 more fit: the plan holds, never grows
+    slower = {**on_pace, "epoch_seconds": 45.0}
+    assert worker.budget_plan(slower, 6 * 37.5, 11, 16, 11) == (45.0, 10)  # 5 more fit at 45 s: one fewer
+    assert worker.budget_plan(slower, -1.0, 11, 16, 11)[1] == 5  # past the deadline: stop after this epoch

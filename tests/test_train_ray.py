@@ -116,6 +116,44 @@ def test_rerun_resumes_from_latest_checkpoint(trained):
     assert epochs == list(range(1, total + 1)), epochs  # two epochs added; the first ones not trained again
 
 
+def test_time_budget_plans_the_epochs_that_fit_and_a_rerun_keeps_the_plan(ray_session, tmp_path, capsys):
+    """`--time-budget`: after epoch 1 the run plans how many epochs fit (far fewer than the cap),
+    trains exactly those with a schedule that ends on the last one, ends inside its budget, and
+    a rerun of the finished run keeps its plan instead of training on to the cap."""
+    import time
+
+    from unet_ray.train import read_history, run_dir_of, run_training
+
+    budget_min = 0.75  # 15-25 s of it go to starting the TorchTrainer; an epoch here takes ~0.6 s
+    cfg = small_config(tmp_path, name="budget", epochs=500)
+    cfg.optim.time_budget = budget_min
+    start = time.perf_counter()
+    summary = run_training(cfg)
+    took = time.perf_counter() - start
+    history = read_history(run_dir_of(cfg))
+    plans = [row["epochs_planned"] for row in history]
+    first_plan, planned = plans[0], plans[-1]
+    assert 2 <= planned <= first_plan < cfg.optim.epochs, plans
+    assert plans == sorted(plans, reverse=True), plans  # later plans only shorten the run (a slower machine)
+    assert [row["epoch"] for row in history] == list(range(1, planned + 1))
+    # the schedule was re-planned for the first plan: until any later change, the learning rates of
+    # a run configured with that many epochs ...
+    as_planned = TrainConfig.from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "epochs": first_plan}})
+    kept = plans.count(first_plan)
+    assert [row["lr"] for row in history[:kept]] == pytest.approx(planned_lrs(as_planned, first_plan)[:kept], abs=1e-12)
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # ... and the cosine ends with the last epoch
+    # done inside the budget, give or take a few epochs (the plan assumes every epoch takes as long
+    # as epoch 1 without its wait for the first batch; a busy machine may slow the later ones)
+    slowest = max(row["epoch_seconds"] for row in history)
+    assert took < 60 * budget_min + 3 * slowest, (took, [row["epoch_seconds"] for row in history])
+    out = capsys.readouterr().out
+    assert f"time budget {budget_min:g} min: {first_plan} epochs fit (at most 500" in out, out[-2000:]
+    assert ckpt_io.load_state(summary["checkpoint"])["budget_epochs"] == planned
+
+    run_training(cfg)  # the same run again: its checkpoint's plan holds, nothing more to train
+    assert [row["epoch"] for row in read_history(run_dir_of(cfg))] == list(range(1, planned + 1))
+
+
 def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_path):
     """The cityscapes19 label set end to end, with augmentation and (default) class weights:
     val_iou is the mIoU of the classes present, absent classes are null (not NaN) in

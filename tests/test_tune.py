@@ -53,6 +53,7 @@ def test_shipped_configs_load(yaml_name):
         ({"search.depth": {"choice": [3, 9]}}, "value 9 is not valid"),
         ({"search.momentum": {"choice": [0.9]}}, "unknown search key"),
         ({"tune.scheduler": "pbt"}, "choose asha or fifo"),
+        ({"optim.time_budget": 20}, "is for `unet-ray train` runs"),
     ],
 )
 def test_bad_sweep_yaml_is_refused_before_any_trial(tmp_path, change, message):

@@ -57,7 +57,10 @@ class ModelSection:
 
 @dataclass
 class OptimSection:
-    epochs: int = 10
+    epochs: int = 10  # with time_budget: the most the run may train
+    # minutes of wall clock for the whole `unet-ray train` run, start-up included; None = off. After
+    # epoch 1 the run plans as many epochs as fit (at most `epochs`) and its schedule spans them
+    time_budget: float | None = None
     batch_size: int = 8  # per worker
     lr: float = 2e-3  # peak learning rate (after warmup)
     weight_decay: float = 1e-4
@@ -223,6 +226,7 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
     need(r.precision in PRECISIONS, f"run.precision={r.precision!r}: choose one of {', '.join(PRECISIONS)}")
     need(1 <= m.base_channels <= 512, f"model.base_channels={m.base_channels}: must be between 1 and 512")
     need(o.epochs >= 1, f"optim.epochs={o.epochs}: must be >= 1")
+    need(o.time_budget is None or o.time_budget > 0, f"optim.time_budget={o.time_budget}: minutes, must be > 0")
     need(o.batch_size >= 1, f"optim.batch_size={o.batch_size}: must be >= 1")
     need(0 < o.lr < 10, f"optim.lr={o.lr}: must be positive (and below 10)")
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")

@@ -43,13 +43,25 @@ class StepSchedule:
     that many steps, which gives exactly the uninterrupted run's learning rates.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg, steps_per_epoch: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg, steps_per_epoch: int, epochs: int | None = None):
+        """`epochs`: how many the schedule spans; optim_cfg.epochs unless a time budget planned fewer."""
         o = optim_cfg
         self.optimizer = optimizer
-        self.total_steps = max(1, o.epochs * steps_per_epoch)
-        self.warmup_steps = min(self.total_steps - 1, round(o.warmup_epochs * steps_per_epoch))
+        self.steps_per_epoch, self.warmup_epochs = steps_per_epoch, o.warmup_epochs
         self.schedule, self.lr = o.schedule, o.lr
+        self._plan(o.epochs if epochs is None else epochs)
         self.scheduler = self._fresh()
+
+    def _plan(self, epochs: int) -> None:
+        self.total_steps = max(1, epochs * self.steps_per_epoch)
+        self.warmup_steps = min(self.total_steps - 1, round(self.warmup_epochs * self.steps_per_epoch))
+
+    def replan(self, epochs: int) -> None:
+        """Span `epochs` from now on, keeping the steps taken: the learning rates from here are those
+        of a schedule planned for `epochs` from the start (a time budget's plan after epoch 1)."""
+        steps_done = self.steps_done
+        self._plan(epochs)
+        self.load_state_dict({"steps_done": steps_done})
 
     def _fresh(self) -> lr_scheduler.LRScheduler:
         for group in self.optimizer.param_groups:  # plan from the configured lr, not the current one
@@ -97,6 +109,24 @@ def _build_scheduler(optimizer, schedule: str, lr: float, total: int, warmup: in
         return main
     ramp = lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, end_factor=1.0, total_iters=warmup)
     return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def plan_epochs(seconds_left: float, epoch_seconds: float, epochs_done: int, max_epochs: int) -> int:
+    """How many epochs a run with a time budget trains in all: those done, plus as many more as fit
+    in `seconds_left` at `epoch_seconds` each (steady_epoch_seconds); at least the ones done, at
+    most `max_epochs`."""
+    more = int(seconds_left // epoch_seconds) if epoch_seconds > 0 else max_epochs
+    return max(epochs_done, min(max_epochs, epochs_done + max(more, 0)))
+
+
+def steady_epoch_seconds(epoch_seconds: float, train_seconds: float, first_step_seconds: float, steps: int) -> float:
+    """What a later epoch is expected to take, from the first one: its time (validation included)
+    with its first step, which also waited for the data pipeline to start, counted as one of its
+    other steps instead."""
+    if steps <= 1:
+        return epoch_seconds
+    one_step = max(train_seconds - first_step_seconds, 0.0) / (steps - 1)
+    return epoch_seconds - first_step_seconds + one_step
 
 
 def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:

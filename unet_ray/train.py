@@ -203,10 +203,12 @@ def build_trainer(
     callbacks=(),
     console=None,
     class_weights: list[float] | None = None,
+    deadline: float | None = None,
 ):
     """The TorchTrainer for `cfg` on prepared data described by `meta`; every Tune trial builds
     it too, through `fit`. `console`: what rank 0 prints (console.worker_settings); None prints
-    epoch lines only. `class_weights`: the loss weight of each class (None: unweighted)."""
+    epoch lines only. `class_weights`: the loss weight of each class (None: unweighted).
+    `deadline`: unix time by which a run with a time budget must be done (None: no budget)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -228,6 +230,7 @@ def build_trainer(
             "native_masks": bool(meta.get("native_size")),
             "console": console,
             "class_weights": class_weights,
+            "deadline": deadline,
         },
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -260,13 +263,21 @@ def run_dir_of(cfg: TrainConfig) -> Path:
 
 
 def fit(
-    cfg: TrainConfig, run_name: str, storage: str, run_dir: Path, callbacks=(), progress=print, worker_lines: bool = True
+    cfg: TrainConfig,
+    run_name: str,
+    storage: str,
+    run_dir: Path,
+    callbacks=(),
+    progress=print,
+    worker_lines: bool = True,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Prepare data, train, and return the summary (best checkpoint and its metrics).
 
     Shared by `unet-ray train` and every Tune trial. Re-running with the same storage and name
     resumes from the latest checkpoint (Ray Train restores the run's checkpoint state).
     `worker_lines=False` (Tune trials) keeps the workers from printing progress and epoch lines.
+    `deadline`: see build_trainer.
     """
     from ray.data import DataContext
 
@@ -302,6 +313,7 @@ def fit(
         [history_callback(run_dir), *callbacks],
         console=settings,
         class_weights=weights,
+        deadline=deadline,
     )
     try:
         result = trainer.fit()
@@ -347,8 +359,15 @@ def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
     from unet_ray.console import finish_train
 
     started = time.perf_counter()
+    deadline = None
+    if cfg.optim.time_budget is not None:  # counted from here: Ray's start-up is part of the run
+        deadline = time.time() + 60 * cfg.optim.time_budget
+        progress(
+            f"time budget: {cfg.optim.time_budget:g} min, start-up included; after epoch 1 the run plans "
+            f"how many of at most {cfg.optim.epochs} epochs fit"
+        )
     ensure_ray(progress)
     run_dir = run_dir_of(cfg)
-    summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress)
+    summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress, deadline=deadline)
     finish_train(summary, run_dir, cfg.data.path, time.perf_counter() - started, progress)
     return summary

@@ -78,6 +78,12 @@ def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None)
     if "run.name" not in overrides and "name" not in (raw.get("run") or {}):
         base.run.name = Path(path).stem
     base.validate()
+    if base.optim.time_budget is not None:
+        # ASHA compares trials at fixed epochs (its rungs), and optim.epochs is its max_t
+        raise ConfigError(
+            f"{origin}: optim.time_budget={base.optim.time_budget} is for `unet-ray train` runs; a sweep "
+            "trains each trial for optim.epochs (ASHA stops the weak ones early)"
+        )
     if "://" in storage_uri(base.run.storage_path):
         # Trials run on any node and read the prepared data and write their Train runs under the
         # experiment folder, so it must be a file system that every node mounts at the same path.

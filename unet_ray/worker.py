@@ -20,6 +20,9 @@ from unet_ray.config import TrainConfig
 from unet_ray.model import build_model
 
 SHUFFLE_BUFFER_BATCHES = 4  # rows mixed per epoch: this many batches' worth at a time
+# A time budget keeps this much back for what follows the last epoch (best.json, the report,
+# Ray shutting down): measured 1.5-2 s from the end of the last epoch to the run's summary
+FINISH_RESERVE_S = 5.0
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -49,10 +52,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # a compiled model gets one batch shape only: no recompilation for a last partial batch
         return shuffled_batches(train_shard, batch_size, device, drop_last=cfg.run.compile)
 
+    planned, plan_pending = epochs_to_train(cfg, state, loop_config.get("deadline"))
     # Start the first epoch's data now, while the model is built and wrapped in DDP: in a fresh
     # Ray the first augment tasks spend seconds importing albumentations (measured: 3 s of the
     # first-batch wait), which would otherwise begin only once the model is ready.
-    first_batches = start_in_background(train_batches()) if start_epoch < cfg.optim.epochs else None
+    first_batches = start_in_background(train_batches()) if start_epoch < planned else None
 
     weights = loss_class_weights(state, loop_config.get("class_weights"))
     torch.manual_seed(cfg.run.seed)
@@ -66,7 +70,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(gpu_path.compile_model(net, cfg.run.compile))
     plain = net
     optimizer = recipe.build_optimizer(model.parameters(), cfg.optim)
-    schedule = recipe.StepSchedule(optimizer, cfg.optim, loop_config["steps_per_epoch"])
+    schedule = recipe.StepSchedule(optimizer, cfg.optim, loop_config["steps_per_epoch"], epochs=planned)
     ema = recipe.build_ema(plain, cfg.optim.ema_decay)
     validated = ema.module if ema is not None else plain  # what is validated, saved as "model", served
 
@@ -78,12 +82,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and shown["lines"]:
             print(f"[unet-ray] resumed from epoch {start_epoch} checkpoint", flush=True)
 
-    for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
+    epoch = start_epoch
+    while epoch < planned:  # a time budget plans `planned` after the first epoch, and may shorten it later
+        epoch += 1
         epoch_start, epoch_started_at = time.perf_counter(), time.time()
         batches = gpu_path.DataWaitMeter(first_batches if epoch == start_epoch + 1 else train_batches(), device)
         stats = engine.train_one_epoch(
             model,
-            console.track(batches, shown if rank == 0 else None, epoch, cfg.optim.epochs, ctx.get_world_size()),
+            console.track(batches, shown if rank == 0 else None, epoch, planned, ctx.get_world_size()),
             optimizer,
             device,
             dice_weight=cfg.optim.dice_weight,
@@ -148,6 +154,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "logits_dtype": stats["logits_dtype"],  # bfloat16 under autocast
             "channels_last": stats["channels_last"],
         }
+        if loop_config.get("deadline") is not None:
+            seconds_left = loop_config["deadline"] - time.time() - FINISH_RESERVE_S
+            epoch_s, new_plan = budget_plan(
+                report, seconds_left, planned if not plan_pending else None, cfg.optim.epochs, loop_config["steps_per_epoch"]
+            )
+            # rank 0 decides, so that every worker trains the same number of epochs
+            new_plan = _from_rank_0(new_plan, device)
+            if plan_pending or new_plan != planned:
+                planned = new_plan
+                schedule.replan(planned)
+                report["lr"] = schedule.get_last_lr()  # what the next step uses, now on the new plan
+                if rank == 0 and shown["lines"]:
+                    line = console.budget_line(cfg.optim.time_budget, planned, cfg.optim.epochs, epoch_s, seconds_left)
+                    print(line, flush=True)
+            plan_pending = False
+        report["epochs_planned"] = planned
         restored_from = 0
         best_iou = max(best_iou, report["val_iou"])
         report["best_val_iou"] = best_iou
@@ -160,6 +182,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         **training_state(plain, optimizer, schedule, ema),
                         "class_weights": None if weights is None else weights.tolist(),
                         "epoch": epoch,
+                        # a time budget's plan, kept by a resume or restart (absent without a budget,
+                        # so that a run resumed with more epochs still stretches its schedule)
+                        **({"budget_epochs": planned} if loop_config.get("deadline") is not None else {}),
                         "best_val_iou": best_iou,
                         "metrics": {k: v for k, v in report.items() if not isinstance(v, list)},
                         "config": cfg.to_dict(),
@@ -167,8 +192,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if shown["lines"]:
-                    print(console.epoch_line(report, cfg.optim.epochs), flush=True)
+                    print(console.epoch_line(report, planned), flush=True)
             ray.train.report(report, checkpoint=checkpoint)
+
+
+def budget_plan(
+    report: dict[str, Any], seconds_left: float, planned: int | None, max_epochs: int, steps_per_epoch: int
+) -> tuple[float, int]:
+    """(expected seconds an epoch, epochs the run trains in all) after the epoch `report` describes.
+
+    The first plan (`planned` None) takes as many epochs as fit at epoch 1's pace less its wait for
+    the first batch, up to `max_epochs`; a later one only shortens the plan, when the last epoch's
+    pace says the run would end past its deadline (a machine that slowed down)."""
+    if planned is None:
+        epoch_s = recipe.steady_epoch_seconds(
+            report["epoch_seconds"], report["train_seconds"], report["first_step_s"], steps_per_epoch
+        )
+        return epoch_s, recipe.plan_epochs(seconds_left, epoch_s, report["epoch"], max_epochs)
+    return report["epoch_seconds"], recipe.plan_epochs(seconds_left, report["epoch_seconds"], report["epoch"], planned)
+
+
+def epochs_to_train(cfg: TrainConfig, state: dict[str, Any] | None, deadline: float | None) -> tuple[int, bool]:
+    """(epochs the run trains and its schedule spans, whether a time budget has yet to plan them).
+
+    Without a budget: optim.epochs. With one (`deadline`, unix time), a run plans after its first
+    epoch; one resumed or restarted after that keeps the plan its checkpoint holds (at most
+    optim.epochs), so that its schedule continues exactly."""
+    if deadline is None:
+        return cfg.optim.epochs, False
+    if state is not None and "budget_epochs" in state:
+        return min(int(state["budget_epochs"]), cfg.optim.epochs), False
+    return cfg.optim.epochs, True
 
 
 def training_state(plain, optimizer, schedule, ema) -> dict[str, Any]:
@@ -254,6 +308,17 @@ def _dist_backend() -> str:
     import torch.distributed as dist
 
     return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else "none"
+
+
+def _from_rank_0(value: int, device: torch.device) -> int:
+    """Rank 0's `value` on every rank (itself when there is one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    shared = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(shared, src=0)
+    return int(shared.item())
 
 
 def _broadcast_buffers_from_rank_0(module: torch.nn.Module) -> None:

@@ -561,7 +561,8 @@ def read_run(run: Path, now: float) -> Snapshot:
         path=str(run),
         sweep_status="running" if live else "finished" if ended else "stopped",
         updated=updated,
-        max_epochs=settings.get("epochs"),
+        # a time-budget run's history carries the epochs it planned after its first; else the config's
+        max_epochs=(rows[-1].get("epochs_planned") if rows else None) or settings.get("epochs"),
         settings=settings,
         param_keys=[],
         trials=[trial],
