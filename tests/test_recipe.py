@@ -306,12 +306,24 @@ def test_epochs_to_train_keeps_a_time_budget_plan_across_a_resume():
     assert worker.epochs_to_train(cfg, {"epoch": 3}, deadline=None) == (30, False)
 
 
-def test_a_budget_plan_is_made_once_then_only_shortened():
+def test_a_budget_plan_follows_the_pace_cutting_at_once_and_adding_with_room_to_spare():
+    # the first plan: as many as fit at the pace, up to the cap
+    assert worker.budget_plan(1, 375.0, None, 16, pace=37.5) == 11  # 1 + 375 // 37.5
+    assert worker.budget_plan(1, 9999.0, None, 16, pace=37.5) == 16
+    # later: behind (5 more fit at 45 s, 6 planned) -> one fewer at once; past the deadline -> stop now
+    assert worker.budget_plan(5, 6 * 37.5, 11, 16, pace=45.0) == 10
+    assert worker.budget_plan(5, -1.0, 11, 16, pace=45.0) == 5
+    # ahead: one more epoch is added only when it fits with half an epoch to spare
+    assert worker.budget_plan(5, 7 * 37.5, 11, 16, pace=37.5) == 11  # 7 more would just fit: no swing
+    assert worker.budget_plan(5, 7.5 * 37.5, 11, 16, pace=37.5) == 12
+    assert worker.budget_plan(5, 99 * 37.5, 11, 16, pace=37.5) == 16  # never past the cap
+
+
+def test_the_pace_is_the_recent_epochs_and_the_first_does_not_count_its_wait_for_data():
     # epoch 1: 40 s in all, 30 s of training in 11 steps, the first of which waited 5 s for data
-    epoch_1 = {"epoch": 1, "epoch_seconds": 40.0, "train_seconds": 30.0, "first_step_s": 5.0}
-    assert worker.budget_plan(epoch_1, 375.0, None, 16, steps_per_epoch=11) == (37.5, 11)  # 1 + 375 // 37.5
-    on_pace = {"epoch": 5, "epoch_seconds": 37.0, "train_seconds": 27.0, "first_step_s": 2.5}
-    assert worker.budget_plan(on_pace, 6 * 37.5, 11, 16, 11)[1] == 11  # 6 more fit: the plan holds, never grows
-    slower = {**on_pace, "epoch_seconds": 45.0}
-    assert worker.budget_plan(slower, 6 * 37.5, 11, 16, 11) == (45.0, 10)  # 5 more fit at 45 s: one fewer
-    assert worker.budget_plan(slower, -1.0, 11, 16, 11)[1] == 5  # past the deadline: stop after this epoch
+    first = {"epoch_seconds": 40.0, "train_seconds": 30.0, "first_step_s": 5.0}
+    assert worker.epoch_pace(first, first_of_session=True, steps_per_epoch=11) == pytest.approx(37.5)
+    assert worker.epoch_pace(first, first_of_session=False, steps_per_epoch=11) == 40.0
+    assert worker.recent_pace([37.5]) == 37.5
+    assert worker.recent_pace([100.0, 30.0, 40.0, 50.0]) == pytest.approx(40.0)  # the last PACE_EPOCHS only
+    assert worker.PACE_EPOCHS == 3

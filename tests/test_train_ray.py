@@ -133,17 +133,16 @@ def test_time_budget_plans_the_epochs_that_fit_and_a_rerun_keeps_the_plan(ray_se
     history = read_history(run_dir_of(cfg))
     plans = [row["epochs_planned"] for row in history]
     first_plan, planned = plans[0], plans[-1]
-    assert 2 <= planned <= first_plan < cfg.optim.epochs, plans
-    assert plans == sorted(plans, reverse=True), plans  # later plans only shorten the run (a slower machine)
+    assert 2 <= planned < cfg.optim.epochs and first_plan < cfg.optim.epochs, plans
     assert [row["epoch"] for row in history] == list(range(1, planned + 1))
-    # the schedule was re-planned for the first plan: until any later change, the learning rates of
-    # a run configured with that many epochs ...
+    # the schedule was re-planned for the first plan: until the pace changes it (a machine that
+    # slowed down or sped up), the learning rates of a run configured with that many epochs ...
     as_planned = TrainConfig.from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "epochs": first_plan}})
-    kept = plans.count(first_plan)
+    kept = next((i for i, plan in enumerate(plans) if plan != first_plan), len(plans))
     assert [row["lr"] for row in history[:kept]] == pytest.approx(planned_lrs(as_planned, first_plan)[:kept], abs=1e-12)
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # ... and the cosine ends with the last epoch
-    # done inside the budget, give or take a few epochs (the plan assumes every epoch takes as long
-    # as epoch 1 without its wait for the first batch; a busy machine may slow the later ones)
+    # done inside the budget, give or take a few epochs (the plan follows the pace of the last
+    # epochs; a busy machine may still slow the ones after them)
     slowest = max(row["epoch_seconds"] for row in history)
     assert took < 60 * budget_min + 3 * slowest, (took, [row["epoch_seconds"] for row in history])
     out = capsys.readouterr().out

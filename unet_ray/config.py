@@ -59,7 +59,8 @@ class ModelSection:
 class OptimSection:
     epochs: int = 10  # with time_budget: the most the run may train
     # minutes of wall clock for the whole `unet-ray train` run, start-up included; None = off. After
-    # epoch 1 the run plans as many epochs as fit (at most `epochs`) and its schedule spans them
+    # epoch 1 the run plans as many epochs as fit (at most `epochs`), its schedule spans them, and
+    # later epochs adjust the plan to the pace (worker.budget_plan)
     time_budget: float | None = None
     batch_size: int = 8  # per worker
     lr: float = 2e-3  # peak learning rate (after warmup)

@@ -23,6 +23,7 @@ SHUFFLE_BUFFER_BATCHES = 4  # rows mixed per epoch: this many batches' worth at 
 # A time budget keeps this much back for what follows the last epoch (best.json, the report,
 # Ray shutting down): measured 1.5-2 s from the end of the last epoch to the run's summary
 FINISH_RESERVE_S = 5.0
+PACE_EPOCHS = 3  # a time budget plans with the mean time of this many latest epochs
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -82,7 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and shown["lines"]:
             print(f"[unet-ray] resumed from epoch {start_epoch} checkpoint", flush=True)
 
-    epoch = start_epoch
+    epoch, paces = start_epoch, []  # paces: seconds per epoch, for a time budget's plans
     while epoch < planned:  # a time budget plans `planned` after the first epoch, and may shorten it later
         epoch += 1
         epoch_start, epoch_started_at = time.perf_counter(), time.time()
@@ -156,9 +157,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if loop_config.get("deadline") is not None:
             seconds_left = loop_config["deadline"] - time.time() - FINISH_RESERVE_S
-            epoch_s, new_plan = budget_plan(
-                report, seconds_left, planned if not plan_pending else None, cfg.optim.epochs, loop_config["steps_per_epoch"]
-            )
+            paces.append(epoch_pace(report, epoch == start_epoch + 1, loop_config["steps_per_epoch"]))
+            pace = recent_pace(paces)
+            new_plan = budget_plan(epoch, seconds_left, None if plan_pending else planned, cfg.optim.epochs, pace)
             # rank 0 decides, so that every worker trains the same number of epochs
             new_plan = _from_rank_0(new_plan, device)
             if plan_pending or new_plan != planned:
@@ -166,8 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 schedule.replan(planned)
                 report["lr"] = schedule.get_last_lr()  # what the next step uses, now on the new plan
                 if rank == 0 and shown["lines"]:
-                    line = console.budget_line(cfg.optim.time_budget, planned, cfg.optim.epochs, epoch_s, seconds_left)
-                    print(line, flush=True)
+                    print(console.budget_line(cfg.optim.time_budget, planned, cfg.optim.epochs, pace, seconds_left), flush=True)
             plan_pending = False
         report["epochs_planned"] = planned
         restored_from = 0
@@ -196,28 +196,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
 
 
-def budget_plan(
-    report: dict[str, Any], seconds_left: float, planned: int | None, max_epochs: int, steps_per_epoch: int
-) -> tuple[float, int]:
-    """(expected seconds an epoch, epochs the run trains in all) after the epoch `report` describes.
+def budget_plan(epochs_done: int, seconds_left: float, planned: int | None, max_epochs: int, pace: float) -> int:
+    """Epochs a time-budget run trains in all, decided after epoch `epochs_done` at `pace` seconds
+    an epoch (recent_pace) with `seconds_left` to its deadline.
 
-    The first plan (`planned` None) takes as many epochs as fit at epoch 1's pace less its wait for
-    the first batch, up to `max_epochs`; a later one only shortens the plan, when the last epoch's
-    pace says the run would end past its deadline (a machine that slowed down)."""
-    if planned is None:
-        epoch_s = recipe.steady_epoch_seconds(
-            report["epoch_seconds"], report["train_seconds"], report["first_step_s"], steps_per_epoch
-        )
-        return epoch_s, recipe.plan_epochs(seconds_left, epoch_s, report["epoch"], max_epochs)
-    return report["epoch_seconds"], recipe.plan_epochs(seconds_left, report["epoch_seconds"], report["epoch"], planned)
+    The first plan (`planned` None) takes as many epochs as fit, up to `max_epochs`. Later ones cut
+    epochs as soon as the run would end past its deadline, and add them back only with half an
+    epoch to spare, so that a plan on the edge does not swing back and forth."""
+    fits = recipe.plan_epochs(seconds_left, pace, epochs_done, max_epochs)
+    if planned is None or fits < planned:
+        return fits
+    return max(planned, recipe.plan_epochs(seconds_left - pace / 2, pace, epochs_done, max_epochs))
+
+
+def recent_pace(paces: list[float]) -> float:
+    """Seconds an epoch, from the times of this session's epochs (epoch_pace): the mean of the last
+    PACE_EPOCHS, which follows a machine that speeds up or slows down within a few epochs and is
+    not thrown by one slow epoch."""
+    recent = paces[-PACE_EPOCHS:]
+    return sum(recent) / len(recent)
+
+
+def epoch_pace(report: dict[str, Any], first_of_session: bool, steps_per_epoch: int) -> float:
+    """What the epoch `report` describes says about the next ones: its time, except that the first
+    epoch of a session also waited for the data pipeline to start (recipe.steady_epoch_seconds)."""
+    if not first_of_session:
+        return report["epoch_seconds"]
+    return recipe.steady_epoch_seconds(report["epoch_seconds"], report["train_seconds"], report["first_step_s"], steps_per_epoch)
 
 
 def epochs_to_train(cfg: TrainConfig, state: dict[str, Any] | None, deadline: float | None) -> tuple[int, bool]:
     """(epochs the run trains and its schedule spans, whether a time budget has yet to plan them).
 
     Without a budget: optim.epochs. With one (`deadline`, unix time), a run plans after its first
-    epoch; one resumed or restarted after that keeps the plan its checkpoint holds (at most
-    optim.epochs), so that its schedule continues exactly."""
+    epoch; one resumed or restarted after that starts from the plan its checkpoint holds (at most
+    optim.epochs), so that its schedule continues exactly, and adjusts it to the pace from there."""
     if deadline is None:
         return cfg.optim.epochs, False
     if state is not None and "budget_epochs" in state:
