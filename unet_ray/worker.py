@@ -84,7 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[unet-ray] resumed from epoch {start_epoch} checkpoint", flush=True)
 
     epoch, paces = start_epoch, []  # paces: seconds per epoch, for a time budget's plans
-    while epoch < planned:  # a time budget plans `planned` after the first epoch, and may shorten it later
+    while epoch < planned:  # a time budget plans `planned` after the first epoch, then follows the pace
         epoch += 1
         epoch_start, epoch_started_at = time.perf_counter(), time.time()
         batches = gpu_path.DataWaitMeter(first_batches if epoch == start_epoch + 1 else train_batches(), device)
@@ -167,7 +167,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 schedule.replan(planned)
                 report["lr"] = schedule.get_last_lr()  # what the next step uses, now on the new plan
                 if rank == 0 and shown["lines"]:
-                    print(console.budget_line(cfg.optim.time_budget, planned, cfg.optim.epochs, pace, seconds_left), flush=True)
+                    line = console.budget_line(cfg.optim.time_budget, planned, cfg.optim.epochs, pace, seconds_left)
+                    print(line, flush=True)
             plan_pending = False
         report["epochs_planned"] = planned
         restored_from = 0
