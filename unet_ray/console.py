@@ -199,7 +199,7 @@ def epoch_line(report: dict[str, Any], epochs: int) -> str:
 
 
 def budget_line(budget_min: float, planned: int, max_epochs: int, epoch_s: float, seconds_left: float) -> str:
-    """What a time-budget run decided after its first epoch."""
+    """A time-budget run's plan, printed when an epoch sets or changes it."""
     return (
         f"{TAG} time budget {budget_min:g} min: {planned} epochs fit (at most {max_epochs}; "
         f"~{epoch_s:.1f}s an epoch, {duration(max(seconds_left, 0.0))} left); the schedule now spans {planned}"
