@@ -53,7 +53,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # a compiled model gets one batch shape only: no recompilation for a last partial batch
         return shuffled_batches(train_shard, batch_size, device, drop_last=cfg.run.compile)
 
-    planned, plan_pending = epochs_to_train(cfg, state, loop_config.get("deadline"))
+    deadline = loop_config.get("deadline")  # unix time; set by a time budget (optim.time_budget)
+    planned, plan_pending = epochs_to_train(cfg, state, deadline)
     # Start the first epoch's data now, while the model is built and wrapped in DDP: in a fresh
     # Ray the first augment tasks spend seconds importing albumentations (measured: 3 s of the
     # first-batch wait), which would otherwise begin only once the model is ready.
@@ -155,8 +156,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "logits_dtype": stats["logits_dtype"],  # bfloat16 under autocast
             "channels_last": stats["channels_last"],
         }
-        if loop_config.get("deadline") is not None:
-            seconds_left = loop_config["deadline"] - time.time() - FINISH_RESERVE_S
+        if deadline is not None:
+            seconds_left = deadline - time.time() - FINISH_RESERVE_S
             paces.append(epoch_pace(report, epoch == start_epoch + 1, loop_config["steps_per_epoch"]))
             pace = recent_pace(paces)
             new_plan = budget_plan(epoch, seconds_left, None if plan_pending else planned, cfg.optim.epochs, pace)
@@ -185,7 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "epoch": epoch,
                         # a time budget's plan, kept by a resume or restart (absent without a budget,
                         # so that a run resumed with more epochs still stretches its schedule)
-                        **({"budget_epochs": planned} if loop_config.get("deadline") is not None else {}),
+                        **({"budget_epochs": planned} if deadline is not None else {}),
                         "best_val_iou": best_iou,
                         "metrics": {k: v for k, v in report.items() if not isinstance(v, list)},
                         "config": cfg.to_dict(),
