@@ -282,3 +282,12 @@ def test_class_weights_auto_weights_the_19_classes_only(classes, given, resolved
     cfg = TrainConfig.from_dict({"data": {"classes": classes}, "optim": {"class_weights": given}})
     assert cfg.validate(check_paths=False).class_weighting == resolved
     assert TrainConfig().optim.class_weights == "auto"
+
+
+def test_deep_supervision_is_off_by_default_and_checked():
+    assert TrainConfig().model.deep_supervision == 0.0
+    args = cli.build_parser().parse_args(["train", "--deep-supervision", "0.25"])
+    assert cli.config_from_args(args).model.deep_supervision == 0.25
+    _raises({"model": {"deep_supervision": -0.1}}, "model.deep_supervision", "-0.1")
+    _raises({"model": {"deep_supervision": 0.4, "depth": 1}}, "model.deep_supervision", "depth >= 2")
+    TrainConfig.from_dict({"model": {"deep_supervision": 0, "depth": 1}}).validate(check_paths=False)  # off: fine

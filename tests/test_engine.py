@@ -151,3 +151,22 @@ def test_class_weights_reach_the_loss():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step changes nothing
     out = engine.train_one_epoch(model, [batch], optimizer, device, class_weights=weights)
     assert out["train_loss"] == pytest.approx(weighted.item(), rel=1e-5)
+
+
+def test_deep_supervision_adds_the_aux_loss_and_trains_the_aux_heads():
+    """One step with lr 0 reports main loss + weight x aux loss; a real step moves the aux heads."""
+    from unet_ray.losses import deep_supervision_loss, segmentation_loss
+
+    batch = _batch(n=2, size=16)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = UNet(num_classes=3, depth=2, base_channels=4, batch_norm=False, aux_heads=True)
+    x, y = engine.to_model_input(batch["image"], device), batch["mask"].long()
+    with torch.no_grad():
+        logits, aux = model(x, with_aux=True)
+        main, extra = segmentation_loss(logits, y), deep_supervision_loss(aux, y)
+    out = engine.train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.0), device, deep_supervision=0.4)
+    assert out["train_loss"] == pytest.approx(main.item() + 0.4 * extra.item(), rel=1e-5)
+    before = [p.detach().clone() for p in model.aux_heads.parameters()]
+    engine.train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), device, deep_supervision=0.4)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.aux_heads.parameters()))

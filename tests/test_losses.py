@@ -156,3 +156,21 @@ def test_all_ignored_batch_gives_zero_weighted_loss():
     target = torch.full((1, 4, 4), 255)
     loss = segmentation_loss(torch.randn(1, 3, 4, 4), target, weights=torch.ones(3))
     assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_deep_supervision_loss_is_the_mean_over_levels_against_the_subsampled_mask(channels):
+    from unet_ray.losses import deep_supervision_loss
+
+    g = torch.Generator().manual_seed(0)
+    k = 2 if channels == 1 else channels
+    target = torch.randint(0, k, (2, 16, 16), generator=g)
+    target[0, :4] = 255  # ignored rows stay ignored at every level
+    aux = [torch.randn(2, channels, 4, 4, generator=g), torch.randn(2, channels, 8, 8, generator=g)]
+    weights = torch.tensor([1.0, 3.0, 2.0, 5.0][:k])
+    by_hand = (
+        segmentation_loss(aux[0], target[:, 2::4, 2::4], weights=weights)  # the pixel nearest each 4x4 block's centre
+        + segmentation_loss(aux[1], target[:, 1::2, 1::2], weights=weights)
+    ) / 2
+    assert deep_supervision_loss(aux, target, weights) == pytest.approx(by_hand.item(), rel=1e-6)
+    assert target[:, 2::4, 2::4][0, 0].eq(255).all()  # the subsampled mask kept the ignored pixels

@@ -71,3 +71,32 @@ def test_predict_classes_argmax():
     logits[0, 0, 0, 1] = 1
     logits[0, 1, 0, 2] = 0.5
     assert predict_classes(logits).tolist() == [[[2, 0, 1]]]
+
+
+@pytest.mark.parametrize("num_classes", [2, 19])
+def test_aux_heads_give_logits_at_each_coarser_decoder_level(num_classes):
+    torch.manual_seed(0)
+    model = UNet(num_classes=num_classes, depth=3, base_channels=4, aux_heads=True)
+    logits, aux = model(torch.randn(2, 3, 32, 48), with_aux=True)
+    k = out_channels(num_classes)
+    assert logits.shape == (2, k, 32, 48)
+    assert [a.shape for a in aux] == [(2, k, 8, 12), (2, k, 16, 24)]  # coarsest first; the finest level is `head`
+    # the plain forward is the same logits, without the heads' work
+    assert torch.equal(model.eval()(torch.ones(1, 3, 32, 48)), model(torch.ones(1, 3, 32, 48), with_aux=True)[0])
+    with pytest.raises(ValueError, match="aux_heads=True"):
+        UNet(depth=3, base_channels=4)(torch.randn(1, 3, 32, 32), with_aux=True)
+
+
+def test_inference_weights_load_into_a_model_without_aux_heads():
+    """What a deep-supervision run saves serves from a model built without the heads (evaluate,
+    predict, export), with the same predictions."""
+    from unet_ray.model import inference_weights
+
+    torch.manual_seed(0)
+    trained = UNet(num_classes=19, depth=2, base_channels=4, aux_heads=True).eval()
+    saved = trained.state_dict()
+    assert any(k.startswith("aux_heads.") for k in saved)
+    served = UNet(num_classes=19, depth=2, base_channels=4).eval()
+    served.load_state_dict(inference_weights(saved))  # strict: every other weight is there
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(served(x), trained(x))

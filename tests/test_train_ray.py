@@ -156,8 +156,8 @@ def test_time_budget_plans_the_epochs_that_fit_and_a_rerun_keeps_the_plan(ray_se
 
 
 def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_path):
-    """The cityscapes19 label set end to end, with augmentation and (default) class weights:
-    val_iou is the mIoU of the classes present, absent classes are null (not NaN) in
+    """The cityscapes19 label set end to end, with augmentation, (default) class weights and deep
+    supervision: val_iou is the mIoU of the classes present, absent classes are null (not NaN) in
     history.jsonl and best.json, and the run ends by naming its best checkpoint and metrics."""
     import numpy as np
 
@@ -167,6 +167,7 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
 
     cfg = small_config(tmp_path, name="city", epochs=2, classes="cityscapes19", augment=True)
     assert cfg.optim.class_weights == "auto"  # the default: inverse_log for 19 classes
+    cfg.model.deep_supervision = 0.4  # off by default; on here to train the aux heads through DDP
     printed: list[str] = []
     summary = run_training(cfg, progress=printed.append)
     run_dir = run_dir_of(cfg)
@@ -180,8 +181,13 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
     # ... and they are what the workers' loss used: the checkpoint saves the weights it trained with
     from unet_ray import checkpoint as ckpt_io
 
-    saved = ckpt_io.load_state(summary["checkpoint"])["class_weights"]
-    assert saved == pytest.approx(expected.tolist(), rel=1e-6)
+    state = ckpt_io.load_state(summary["checkpoint"])
+    assert state["class_weights"] == pytest.approx(expected.tolist(), rel=1e-6)
+    # deep supervision: the workers trained the aux heads through DDP (their weights are saved),
+    # and the model served from the checkpoint is built without them
+    assert "loss: + 0.4 x deep supervision (heads on the 2 coarser decoder levels, training only)" in printed
+    assert any(key.startswith("aux_heads.") for key in state["model"])
+    assert ckpt_io.load_model(summary["checkpoint"])[0].aux_heads is None
 
     def refuse(constant):
         raise ValueError(f"{constant} in {run_dir}")

@@ -102,16 +102,16 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(UNet with the checkpoint's weights in eval mode, its TrainConfig, the raw state)."""
     from unet_ray.config import ConfigError, TrainConfig
-    from unet_ray.model import build_model
+    from unet_ray.model import build_model, inference_weights
 
     state = load_state(path, map_location=device)
     try:
         cfg = TrainConfig.from_dict(state["config"], origin=f"config in {resolve(path)}")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    model = build_model(cfg.model, cfg.num_classes)
+    model = build_model(cfg.model, cfg.num_classes)  # without deep-supervision heads: they only train
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(inference_weights(state["model"]))
     except RuntimeError as e:
         raise CheckpointError(f"{resolve(path)}: weights do not fit the model its config describes ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), cfg, state

@@ -28,6 +28,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--augment": ("data.augment", str, "augmentation preset: none, light, medium or strong"),
     "--block": ("model.block", str, "UNet block: plain or residual"),
     "--upsample": ("model.upsample", str, "UNet upsampling: transpose or bilinear"),
+    "--deep-supervision": ("model.deep_supervision", float, "loss weight of heads on the coarser decoder levels (deep supervision; 0 = off, the default)"),
     "--precision": ("run.precision", str, "auto (bf16 on GPUs and bf16-capable CPUs), fp32 or bf16"),
     "--dice-weight": ("optim.dice_weight", float, "weight of the soft-Dice loss term"),
     "--class-weights": ("optim.class_weights", str, "loss weights per class: auto, none or inverse_log (rare classes count more)"),

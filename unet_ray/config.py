@@ -53,6 +53,9 @@ class ModelSection:
     batch_norm: bool = True
     block: str = "residual"  # "plain": two 3x3 convs per level; "residual": the same with an identity shortcut
     upsample: str = "bilinear"  # "transpose": 2x2 transposed conv; "bilinear": bilinear 2x, then a 1x1 conv
+    # weight of the deep-supervision loss (a 1x1 head on each coarser decoder level, training only;
+    # losses.deep_supervision_loss); 0 = off. Off by default: it tied at equal wall clock (benchmarks/README)
+    deep_supervision: float = 0.0
 
 
 @dataclass
@@ -232,6 +235,11 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
     need(0 < o.lr < 10, f"optim.lr={o.lr}: must be positive (and below 10)")
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
     need(o.dice_weight >= 0, f"optim.dice_weight={o.dice_weight}: must be >= 0")
+    need(m.deep_supervision >= 0, f"model.deep_supervision={m.deep_supervision}: must be >= 0 (0 turns it off)")
+    need(
+        not (m.deep_supervision and m.depth < 2),
+        f"model.deep_supervision={m.deep_supervision} needs model.depth >= 2 (a coarser decoder level to supervise)",
+    )
     need(
         o.class_weights in CLASS_WEIGHTINGS,
         f"optim.class_weights={o.class_weights!r}: choose one of {', '.join(CLASS_WEIGHTINGS)}",

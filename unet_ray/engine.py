@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unet_ray.losses import segmentation_loss
+from unet_ray.losses import deep_supervision_loss, segmentation_loss
 from unet_ray.metrics import ConfusionMatrix
 from unet_ray.model import predict_classes
 
@@ -43,12 +43,14 @@ def train_one_epoch(
     channels_last: bool = False,
     scheduler=None,
     ema: nn.Module | None = None,
+    deep_supervision: float = 0.0,
 ) -> dict[str, float]:
     """Train over `batches`; returns mean loss, images seen and seconds spent, and how the first
     step ran (its logits' dtype, whether its input was channels_last).
 
     `scheduler` (recipe.StepSchedule) is stepped and `ema` (an AveragedModel) updated after every
-    optimizer step."""
+    optimizer step. `deep_supervision` > 0 (a model with aux heads): that weight times the aux
+    heads' loss is added to the loss."""
     model.train()
     ran_as = {"logits_dtype": "none", "channels_last": False}
     loss_sum = torch.zeros((), device=device)
@@ -59,8 +61,13 @@ def train_one_epoch(
         x = to_model_input(batch["image"], device, channels_last)
         y = batch["mask"].to(device, non_blocking=True).long()
         with autocast(device, mixed_precision):
-            logits = model(x)
+            if deep_supervision:
+                logits, aux_logits = model(x, with_aux=True)
+            else:
+                logits = model(x)
         loss = segmentation_loss(logits, y, dice_weight, class_weights)
+        if deep_supervision:
+            loss = loss + deep_supervision * deep_supervision_loss(aux_logits, y, class_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

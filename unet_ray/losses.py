@@ -58,6 +58,20 @@ def segmentation_loss(
     return loss
 
 
+def deep_supervision_loss(
+    aux_logits: list[torch.Tensor], target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of segmentation_loss over the coarser decoder levels' logits (UNet with_aux), each
+    against the mask subsampled to its size: the pixel nearest each coarse pixel's centre (no
+    interpolation: labels, 255 included, stay labels; cheaper than upsampling the logits)."""
+    losses = []
+    for logits in aux_logits:
+        step_h, step_w = target.shape[-2] // logits.shape[-2], target.shape[-1] // logits.shape[-1]
+        coarse = target[..., step_h // 2 :: step_h, step_w // 2 :: step_w]
+        losses.append(segmentation_loss(logits, coarse, weights=weights))
+    return torch.stack(losses).mean()
+
+
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - mean over classes of soft Dice, over valid pixels only. probs (N, K, H, W) sum to 1 over K."""
     k = probs.shape[1]

@@ -4,6 +4,10 @@ Down path: two 3x3 convs with LeakyReLU per level (optionally with an identity s
 residual block), then 2x max-pool. Up path: 2x upsampling (transposed conv, or bilinear + 1x1
 conv), concatenate the skip connection of the same level, two 3x3 convs. A 1x1 conv head gives one
 logit per pixel for the binary road task or C logits for C classes.
+
+Deep supervision (optional, training only): a 1x1 head on each coarser decoder level as well, whose
+loss (losses.deep_supervision_loss) gives the lower levels a direct training signal. The heads are
+never used for predictions; a model for inference is built without them (`aux_heads=False`).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class UNet(nn.Module):
         batch_norm: bool = True,
         block: str = "plain",
         upsample: str = "transpose",
+        aux_heads: bool = False,
     ):
         super().__init__()
         if depth < 1:
@@ -100,17 +105,30 @@ class UNet(nn.Module):
             Up(widths[i + 1], widths[i], batch_norm, conv, upsample) for i in reversed(range(depth))
         )
         self.head = nn.Conv2d(widths[0], out_channels(num_classes), kernel_size=1)
+        # one per decoder level but the last (whose head is `head`), coarsest first
+        self.aux_heads = (
+            nn.ModuleList(nn.Conv2d(widths[i], out_channels(num_classes), kernel_size=1) for i in reversed(range(1, depth)))
+            if aux_heads
+            else None
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (N, K, H, W); with_aux: (logits, [the aux heads' logits, coarsest first])."""
         if x.shape[-1] % 2**self.depth or x.shape[-2] % 2**self.depth:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of 2**depth={2**self.depth}")
+        if with_aux and self.aux_heads is None:
+            raise ValueError("with_aux=True needs a model built with aux_heads=True")
         skips = [self.stem(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()
-        for up in self.ups:
+        aux = []
+        for level, up in enumerate(self.ups):
             x = up(x, skips.pop())
-        return self.head(x)
+            if with_aux and level < len(self.aux_heads):
+                aux.append(self.aux_heads[level](x))
+        logits = self.head(x)
+        return (logits, aux) if with_aux else logits
 
 
 def out_channels(num_classes: int) -> int:
@@ -118,11 +136,20 @@ def out_channels(num_classes: int) -> int:
     return 1 if num_classes == 2 else num_classes
 
 
-def build_model(model_cfg, num_classes: int) -> UNet:
-    """UNet from a config.ModelSection."""
+AUX_HEAD_PREFIX = "aux_heads."
+
+
+def build_model(model_cfg, num_classes: int, aux_heads: bool = False) -> UNet:
+    """UNet from a config.ModelSection; aux_heads for training with deep supervision."""
     return UNet(
-        num_classes, model_cfg.depth, model_cfg.base_channels, model_cfg.batch_norm, model_cfg.block, model_cfg.upsample
-    )
+        num_classes, model_cfg.depth, model_cfg.base_channels, model_cfg.batch_norm, model_cfg.block,
+        model_cfg.upsample, aux_heads,
+    )  # fmt: skip
+
+
+def inference_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved state dict without the deep-supervision heads, for a model built without them."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(AUX_HEAD_PREFIX)}
 
 
 def predict_classes(logits: torch.Tensor) -> torch.Tensor:

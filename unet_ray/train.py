@@ -301,6 +301,11 @@ def fit(
         weights = class_weights(class_pixels, cfg.class_weighting).tolist()
         named = ", ".join(f"{name} {w:.1f}" for name, w in zip(meta["class_names"], weights))
         progress(f"loss: class weights ({cfg.class_weighting}, from the training pixels): {named}")
+    if cfg.model.deep_supervision:
+        progress(
+            f"loss: + {cfg.model.deep_supervision:g} x deep supervision (heads on the {cfg.model.depth - 1} "
+            "coarser decoder levels, training only)"
+        )
     from unet_ray.console import worker_settings
 
     settings = worker_settings(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size, lines=worker_lines)

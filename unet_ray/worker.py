@@ -62,7 +62,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     weights = loss_class_weights(state, loop_config.get("class_weights"))
     torch.manual_seed(cfg.run.seed)
-    net = build_model(cfg.model, cfg.num_classes)
+    deep_supervision = cfg.model.deep_supervision
+    net = build_model(cfg.model, cfg.num_classes, aux_heads=deep_supervision > 0)
     bf16 = recipe.use_bf16(cfg.run.precision, device)
     # channels_last in every precision: it is what makes bf16 convolutions fast, and in fp32 on an
     # AVX2-only CPU (no native bf16) it trained 15-20 % more images/s too (2 workers, 128 px)
@@ -100,6 +101,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             channels_last=True,
             scheduler=schedule,
             ema=ema,
+            deep_supervision=deep_supervision,
         )
         # Every rank validates with rank 0's BatchNorm statistics (and EMA), the ones the
         # checkpoint holds: DDP copies them only at the start of a training forward, and each
