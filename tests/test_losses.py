@@ -173,4 +173,4 @@ def test_deep_supervision_loss_is_the_mean_over_levels_against_the_subsampled_ma
         + segmentation_loss(aux[1], target[:, 1::2, 1::2], weights=weights)
     ) / 2
     assert deep_supervision_loss(aux, target, weights) == pytest.approx(by_hand.item(), rel=1e-6)
-    assert target[:, 2::4, 2::4][0, 0].eq(255).all()  # the subsampled mask kept the ignored pixels
+    assert target[:, 2::4, 2::4][0, 0].eq(255).all()  # premise: the coarse masks hold ignored pixels too

@@ -136,9 +136,6 @@ def out_channels(num_classes: int) -> int:
     return 1 if num_classes == 2 else num_classes
 
 
-AUX_HEAD_PREFIX = "aux_heads."
-
-
 def build_model(model_cfg, num_classes: int, aux_heads: bool = False) -> UNet:
     """UNet from a config.ModelSection; aux_heads for training with deep supervision."""
     return UNet(
@@ -149,7 +146,7 @@ def build_model(model_cfg, num_classes: int, aux_heads: bool = False) -> UNet:
 
 def inference_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A saved state dict without the deep-supervision heads, for a model built without them."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(AUX_HEAD_PREFIX)}
+    return {k: v for k, v in state_dict.items() if not k.startswith("aux_heads.")}
 
 
 def predict_classes(logits: torch.Tensor) -> torch.Tensor:
