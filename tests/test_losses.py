@@ -102,6 +102,18 @@ def test_all_ignored_batch_is_finite(channels, dice_weight):
     assert torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("channels,k", [(1, 2), (4, 4)])
+def test_dice_term_is_the_soft_dice_of_the_probabilities_by_hand(channels, k):
+    """The Dice term adds dice_weight x soft Dice of (1 - sigmoid, sigmoid) for one logit, of the
+    softmax for several (computed only when the term is on)."""
+    torch.manual_seed(0)
+    t = _target(k=k)
+    logits = torch.randn(2, channels, 8, 8)
+    probs = torch.cat([1 - logits.sigmoid(), logits.sigmoid()], 1) if channels == 1 else logits.softmax(1)
+    extra = segmentation_loss(logits, t, dice_weight=0.5) - segmentation_loss(logits, t)
+    assert extra.item() == pytest.approx(0.5 * soft_dice_loss(probs, t, t != 255).item(), abs=1e-6)
+
+
 def test_ce_value_matches_torch_mean_over_valid_pixels():
     t = _target(k=5)
     logits = torch.randn(2, 5, 8, 8)

@@ -43,17 +43,18 @@ def segmentation_loss(
     # sum / weight sum rather than reduction="mean": the mean is NaN (0/0) for a batch whose
     # pixels are all ignored (here 0), and the same as this otherwise
     norm = pixel_weight.sum().clamp(min=1e-6)
-    if logits.shape[1] == 1:
-        x = logits[:, 0]
-        t = target.float()
-        per_pixel = F.binary_cross_entropy_with_logits(x, t.clamp(max=1), reduction="none")
-        loss = (per_pixel * pixel_weight).sum() / norm
-        probs = torch.stack([1 - torch.sigmoid(x), torch.sigmoid(x)], dim=1)
+    binary = logits.shape[1] == 1
+    if binary:
+        per_pixel = F.binary_cross_entropy_with_logits(logits[:, 0], target.float().clamp(max=1), reduction="none")
     else:
         per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
-        loss = (per_pixel * pixel_weight).sum() / norm
-        probs = logits.softmax(1)
-    if dice_weight > 0:
+    loss = (per_pixel * pixel_weight).sum() / norm
+    if dice_weight > 0:  # the probabilities only when Dice needs them (19 classes: a softmax costs half the CE)
+        if binary:
+            road = torch.sigmoid(logits[:, 0])
+            probs = torch.stack([1 - road, road], dim=1)
+        else:
+            probs = logits.softmax(1)
         loss = loss + dice_weight * soft_dice_loss(probs, target, valid)
     return loss
 
