@@ -133,7 +133,7 @@ def _check_search(search: Any, base: TrainConfig, origin: str) -> dict[str, dict
             raise ConfigError(f"{where}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-4, 1e-2]}}")
         kind, values = next(iter(spec.items()))
         section, name = SEARCHABLE[key].split(".")
-        hint = type(getattr(getattr(base, section), name))
+        hint = typing.get_type_hints(type(getattr(base, section)))[name]  # the annotation, as coerce reads it
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: {kind} needs a non-empty list, got {values!r}")
         values = [coerce(v, hint, where) for v in values]
