@@ -214,3 +214,65 @@ def test_load_model_refuses_bad_config(tmp_path):
     save_state(tmp_path / "ckpt", {"model": UNet().state_dict(), "epoch": 0, "config": bad})
     with pytest.raises(CheckpointError, match="model.colour"):
         load_model(tmp_path / "ckpt")
+
+
+def _saved_run(run_folder, cfg: TrainConfig, name: str = "checkpoint_2026-12-02_10-00-00.000000"):
+    _, state = _state(cfg)
+    save_state(run_folder / name, state)
+
+
+def test_resume_conflicts_name_the_settings_that_shape_the_weights():
+    saved = _small_config()
+    saved.model.deep_supervision = 0.4
+    same_shape = _small_config()
+    same_shape.model.deep_supervision = 0.2  # another weight: the same heads
+    same_shape.optim.lr = 0.1  # not a shape: a resumed run may change it
+    assert checkpoint.resume_conflicts(saved.to_dict(), same_shape.to_dict()) == []
+    other = _small_config()
+    other.model.depth = 3  # and deep supervision off
+    assert checkpoint.resume_conflicts(saved.to_dict(), other.to_dict()) == [
+        "model.depth: checkpoint 2, this run 3",
+        "model.deep_supervision: checkpoint on, this run off",
+    ]
+
+
+def test_a_run_folder_is_refused_for_a_resume_with_other_model_settings(tmp_path):
+    cfg = _small_config()
+    checkpoint.check_resumable(tmp_path, cfg.to_dict())  # no checkpoint yet: a new run
+    _saved_run(tmp_path, cfg, "checkpoint_2026-12-02_10-00-00.000000")
+    with_heads = _small_config()
+    with_heads.model.deep_supervision = 0.4
+    _saved_run(tmp_path, with_heads, "checkpoint_2026-12-02_11-00-00.000000")  # the latest
+    assert checkpoint.latest_checkpoint(tmp_path).name == "checkpoint_2026-12-02_11-00-00.000000"
+    with pytest.raises(CheckpointError, match=r"model\.deep_supervision: checkpoint on, this run off") as refused:
+        checkpoint.check_resumable(tmp_path, cfg.to_dict())
+    assert str(tmp_path) in str(refused.value) and "epoch 3" in str(refused.value)
+    checkpoint.check_resumable(tmp_path, with_heads.to_dict())  # the same settings resume
+
+
+def test_a_damaged_latest_checkpoint_is_left_to_the_resume_to_report(tmp_path):
+    cfg = _small_config()
+    _saved_run(tmp_path, cfg)
+    state = checkpoint.latest_checkpoint(tmp_path) / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    other = _small_config()
+    other.model.depth = 3
+    checkpoint.check_resumable(tmp_path, other.to_dict())  # no error here: the worker's names the file
+
+
+def test_unet_ray_train_refuses_such_a_resume_before_ray_starts(tmp_path, monkeypatch):
+    from unet_ray import train
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(train, "ensure_ray", no_ray)
+    with_heads = _small_config()
+    with_heads.model.deep_supervision = 0.4
+    with_heads.run.storage_path = str(tmp_path)
+    with_heads.run.name = "ds"
+    _saved_run(tmp_path / "ds", with_heads)
+    without = TrainConfig.from_dict(with_heads.to_dict())
+    without.model.deep_supervision = 0.0
+    with pytest.raises(CheckpointError, match="model.deep_supervision"):
+        train.run_training(without, progress=lambda *_: None)

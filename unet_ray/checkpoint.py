@@ -99,6 +99,60 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return state
 
 
+# The settings a checkpoint's weights and optimizer state are shaped by: a run resumed from it must
+# ask for the same ones (deep supervision only as on/off: its weight may change, its heads may not)
+RESUME_SETTINGS = (
+    "data.classes", "model.depth", "model.base_channels", "model.batch_norm", "model.block",
+    "model.upsample", "model.deep_supervision", "optim.optimizer",
+)  # fmt: skip
+
+
+def _resume_setting(cfg: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    value = cfg.get(section, {}).get(name)
+    if key == "model.deep_supervision":
+        return "on" if value else "off"
+    return value
+
+
+def latest_checkpoint(run_folder: str | os.PathLike) -> Path | None:
+    """The newest checkpoint folder of a `unet-ray train` run (Ray Train names them by time), the one a
+    re-run with the same name resumes from; None when the run has none yet."""
+    folders = sorted(p.parent for p in Path(run_folder).glob(f"checkpoint_*/{STATE_FILE}"))
+    return folders[-1] if folders else None
+
+
+def resume_conflicts(saved_config: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The RESUME_SETTINGS in which `config` (TrainConfig.to_dict) differs from a checkpoint's
+    saved config, as "key: checkpoint X, this run Y"; empty when it can be resumed."""
+    conflicts = []
+    for key in RESUME_SETTINGS:
+        saved, wanted = _resume_setting(saved_config, key), _resume_setting(config, key)
+        if saved != wanted:
+            conflicts.append(f"{key}: checkpoint {saved}, this run {wanted}")
+    return conflicts
+
+
+def check_resumable(run_folder: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Before any Ray work: a run whose folder already holds a checkpoint resumes from it, which
+    only works with the settings that shaped its weights. Otherwise a CheckpointError names them
+    (not a state-dict error deep in every worker, retried max_failures times)."""
+    latest = latest_checkpoint(run_folder)
+    if latest is None:
+        return
+    try:
+        state = load_state(latest)
+    except CheckpointError:
+        return  # damaged: the resume fails in the worker, whose error names the file (as for any run)
+    conflicts = resume_conflicts(state["config"], config)
+    if conflicts:
+        raise CheckpointError(
+            f"{Path(run_folder)} already has a checkpoint (epoch {state['epoch']}) that this run would resume "
+            f"from, and it was trained with other settings ({'; '.join(conflicts)}). Resume with the "
+            "checkpoint's settings, or start a new run with another --name"
+        )
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(UNet with the checkpoint's weights in eval mode, its TrainConfig, the raw state)."""
     from unet_ray.config import ConfigError, TrainConfig

@@ -357,10 +357,14 @@ def _root_cause(error: BaseException) -> str:
 
 def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
     """`unet-ray train`: validate, start or join Ray, train, print and return the summary."""
+    from unet_ray.checkpoint import check_resumable
     from unet_ray.data import check_source
 
     cfg.validate()
     check_source(cfg)  # bad data is a clear error before any Ray work
+    run_dir = run_dir_of(cfg)
+    if "://" not in storage_uri(cfg.run.storage_path):  # a local run folder can be read before Ray starts
+        check_resumable(run_dir, cfg.to_dict())
     from unet_ray.console import finish_train
 
     started = time.perf_counter()
@@ -372,7 +376,6 @@ def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
             f"how many of at most {cfg.optim.epochs} epochs fit"
         )
     ensure_ray(progress)
-    run_dir = run_dir_of(cfg)
     summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress, deadline=deadline)
     finish_train(summary, run_dir, cfg.data.path, time.perf_counter() - started, progress)
     return summary
