@@ -236,6 +236,15 @@ def test_resume_conflicts_name_the_settings_that_shape_the_weights():
     ]
 
 
+def test_settings_an_older_checkpoint_lacks_count_as_the_defaults():
+    older = TrainConfig().to_dict()
+    del older["optim"]["optimizer"], older["model"]["deep_supervision"]  # keys added later
+    assert checkpoint.resume_conflicts(older, TrainConfig().to_dict()) == []
+    sgd = TrainConfig()
+    sgd.optim.optimizer = "sgd"
+    assert checkpoint.resume_conflicts(older, sgd.to_dict()) == ["optim.optimizer: checkpoint adamw, this run sgd"]
+
+
 def test_a_run_folder_is_refused_for_a_resume_with_other_model_settings(tmp_path):
     cfg = _small_config()
     checkpoint.check_resumable(tmp_path, cfg.to_dict())  # no checkpoint yet: a new run

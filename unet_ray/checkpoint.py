@@ -108,8 +108,11 @@ RESUME_SETTINGS = (
 
 
 def _resume_setting(cfg: dict[str, Any], key: str) -> Any:
+    from unet_ray.config import TrainConfig
+
     section, name = key.split(".")
-    value = cfg.get(section, {}).get(name)
+    # a key that a checkpoint of an older version lacks: that version behaved as today's default
+    value = cfg.get(section, {}).get(name, getattr(getattr(TrainConfig(), section), name))
     if key == "model.deep_supervision":
         return "on" if value else "off"
     return value
