@@ -2,7 +2,7 @@
 of real pairs, with several seeds each, through `unet-ray train` as users run it.
 
     python -m benchmarks.run --quality --real-data DIR [--out D] [--train-pairs N] [--seeds 2]
-        [--classes road cityscapes19] [--old-epochs E] [--new-epochs E]
+        [--classes road cityscapes19] [--old-epochs E] [--new-epochs E] [--time-budget MIN]
 
 DIR is a folder of pair JPEGs named 1.jpg ... N.jpg (the data set's train/ folder). The split is
 fixed: the last VAL_PAIRS files by number are validation, never trained or tuned on; training
@@ -10,6 +10,10 @@ takes the first --train-pairs of the rest (all by default). Every run is a fresh
 process (its own local Ray), timed from launch to exit. Reported per recipe: mean and spread over
 seeds of the last epoch's and the best epoch's val IoU (road IoU or 19-class mIoU), at the training
 size and at the pairs' native 256x256 masks, and the wall time. Writes DIR_OUT/quality.json and .md.
+
+With --time-budget MIN every run gets the same wall clock (`unet-ray train --time-budget`, start-up
+included): it trains the epochs that fit, at most --old-epochs / --new-epochs, and the table says
+how many each seed trained. Without it the recipes compare at those fixed epoch counts.
 """
 
 from __future__ import annotations
@@ -63,12 +67,24 @@ def fixed_split(source: Path, target: Path, train_pairs: int | None, val_pairs: 
 
 
 def train_once(
-    recipe: dict[str, Any], data: Path, storage: Path, name: str, classes: str, epochs: int, seed: int, timeout_s: float
+    recipe: dict[str, Any],
+    data: Path,
+    storage: Path,
+    name: str,
+    classes: str,
+    epochs: int,
+    seed: int,
+    timeout_s: float,
+    time_budget: float | None = None,
 ) -> dict[str, Any]:
-    """One `unet-ray train` run of `recipe`; its history's last and best epochs and its wall time."""
+    """One `unet-ray train` run of `recipe`; its history's last and best epochs and its wall time.
+
+    `epochs`: how many it trains, or with `time_budget` (minutes) the most it may train."""
     config = {section: dict(values) for section, values in recipe.items()}
     config.setdefault("data", {}).update({"path": str(data), "classes": classes})
     config.setdefault("optim", {})["epochs"] = epochs
+    if time_budget is not None:
+        config["optim"]["time_budget"] = time_budget
     config.setdefault("run", {}).update({"seed": seed, "storage_path": str(storage), "name": name, "max_failures": 0})
     config_file = storage / f"{name}.yaml"
     storage.mkdir(parents=True, exist_ok=True)
@@ -85,7 +101,7 @@ def train_once(
     best = max(history, key=lambda row: row["val_iou"])
     return {
         "seed": seed,
-        "epochs": epochs,
+        "epochs": len(history),  # trained; fewer than asked where a time budget ended the run
         "wall_s": wall,
         "last": _figures(last),
         "best": _figures(best),
@@ -123,7 +139,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['val_pairs']} val pairs (files {result['val_files']}, never tuned on), 128 px, "
         f"{result['seeds']} seed(s) per row; mean ± spread (max - min).",
         "",
-        "| label set | recipe | epochs | wall time | last epoch IoU | last, native 256 px | best epoch IoU | best, native |",
+        "| label set | recipe | epochs trained | wall time | last epoch IoU | last, native 256 px | best epoch IoU | best, native |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -136,19 +152,31 @@ def markdown(result: dict[str, Any]) -> str:
         for recipe, row in recipes.items():
             s = row["summary"]
             wall = s["wall_s"]
+            epochs = " / ".join(str(run["epochs"]) for run in row["runs"])  # per seed
             lines.append(
-                f"| {classes} | {recipe} | {row['epochs']} | {wall['mean'] / 60:.1f} min | {cell(s, 'last_val_iou')} | "
+                f"| {classes} | {recipe} | {epochs} | {wall['mean'] / 60:.1f} min | {cell(s, 'last_val_iou')} | "
                 f"{cell(s, 'last_val_iou_native')} | {cell(s, 'best_val_iou')} | {cell(s, 'best_val_iou_native')} |"
             )
     lines.append("")
+    if result.get("time_budget"):
+        lines.append(
+            f"Every run had the same time budget, {result['time_budget']:g} min of wall clock (`--time-budget`, "
+            "start-up included), and trained the epochs that fit (epochs trained: one figure per seed)."
+        )
     lines.append("IoU: road IoU for `road`, mean IoU over the 19 classes for `cityscapes19`.")
     return "\n".join(lines) + "\n"
 
 
 def run_quality(args, out: Path, machine: str) -> int:
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise SystemExit(f"--time-budget {args.time_budget}: minutes per run, must be > 0")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds}: must be at least 1")
+    if args.val_pairs < 1:
+        raise SystemExit(f"--val-pairs {args.val_pairs}: must be at least 1")
     source = Path(args.real_data).expanduser()
     work = out / "quality_work"
-    data = fixed_split(source, work / "pairs", args.train_pairs)
+    data = fixed_split(source, work / "pairs", args.train_pairs, args.val_pairs)
     n_train = len(list((data / "train").iterdir()))
     files = sorted((data / "val").iterdir(), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
     result: dict[str, Any] = {
@@ -158,6 +186,7 @@ def run_quality(args, out: Path, machine: str) -> int:
         "val_pairs": len(files),
         "val_files": f"{files[0].name}-{files[-1].name}",
         "seeds": args.seeds,
+        "time_budget": args.time_budget,  # minutes per run, or None: fixed epoch counts
         "results": {},
     }
     recipes = {
@@ -169,21 +198,27 @@ def run_quality(args, out: Path, machine: str) -> int:
         prepared = work / f"prepared_{classes}"
         if not (prepared / "meta.json").is_file():
             log(f"preparing {data} for {classes}")
-            subprocess.run(
+            done = subprocess.run(
                 ["unet-ray", "prepare", "--src", str(data), "--out", str(prepared), "--classes", classes],
-                check=True, capture_output=True, text=True,
+                capture_output=True, text=True,
             )
-        result["results"][classes] = {}
-        for label, (recipe, epochs) in recipes.items():
-            runs = []
-            for seed in range(args.seeds):
+            if done.returncode != 0:  # say why, not only that it failed
+                raise SystemExit(f"unet-ray prepare of {data} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        rows = result["results"][classes] = {label: {"max_epochs": epochs, "runs": []} for label, (_, epochs) in recipes.items()}
+        # Seed by seed, each recipe in turn: the VM's speed drifts over an hour, and a time budget
+        # turns that into epochs, so one recipe's runs must not all fall on a slow stretch.
+        for seed in range(args.seeds):
+            for label, (recipe, epochs) in recipes.items():
                 name = f"{classes}_{label.split()[0]}_s{seed}"
-                log(f"{name}: {epochs} epochs")
-                run = train_once(recipe, prepared, work / "runs", name, classes, epochs, seed, args.run_timeout_s)
+                budget = f", time budget {args.time_budget:g} min" if args.time_budget else ""
+                log(f"{name}: {'at most ' if budget else ''}{epochs} epochs{budget}")
+                run = train_once(
+                    recipe, prepared, work / "runs", name, classes, epochs, seed, args.run_timeout_s, args.time_budget
+                )
                 log(f"{name}: last {run['last']['val_iou']:.4f} (native {run['last']['val_iou_native']}), {run['wall_s']:.0f}s")
-                runs.append(run)
-            result["results"][classes][label] = {"epochs": epochs, "runs": runs, "summary": summarize(runs)}
-            (out / "quality.json").write_text(json.dumps(result, indent=2))  # partial results survive a stop
+                rows[label]["runs"].append(run)
+                rows[label]["summary"] = summarize(rows[label]["runs"])
+                (out / "quality.json").write_text(json.dumps(result, indent=2))  # partial results survive a stop
     table = markdown(result)
     (out / "quality.md").write_text(table)
     print(table)
@@ -199,6 +234,12 @@ def add_arguments(parser) -> None:
     group.add_argument("--recipes", nargs="+", default=["old", "new"], choices=["old", "new"])
     group.add_argument("--old-epochs", type=int, default=8)
     group.add_argument("--new-epochs", type=int, default=8)
+    group.add_argument(
+        "--time-budget", type=float, help="minutes of wall clock per run, the same for every recipe (epochs: the most)"
+    )
+    group.add_argument(
+        "--val-pairs", type=int, default=VAL_PAIRS, help=f"validation: the last N files (default {VAL_PAIRS}: 2601-2975)"
+    )
     group.add_argument("--run-timeout-s", type=float, default=3600)
 
 
