@@ -18,10 +18,14 @@ how many each seed trained. Without it the recipes compare at those fixed epoch 
 
 from __future__ import annotations
 
+import collections
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ OLD_RECIPE: dict[str, dict[str, Any]] = {
     "run": {"precision": "fp32"},
 }  # fmt: skip
 NEW_RECIPE: dict[str, dict[str, Any]] = {}  # today's defaults: whatever `unet-ray train` does without flags
+PROGRESS_LINES = ("[unet-ray] epoch ", "[unet-ray] time budget")  # what a run shows while it trains
 
 
 def log(message: str) -> None:
@@ -90,12 +95,10 @@ def train_once(
     storage.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(config))
     start = time.perf_counter()
-    done = subprocess.run(
-        ["unet-ray", "train", "--config", str(config_file)], capture_output=True, text=True, timeout=timeout_s
-    )
+    returncode, output_tail = run_showing_epochs(["unet-ray", "train", "--config", str(config_file)], name, timeout_s)
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    if returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {returncode}):\n" + "\n".join(output_tail))
     history = [json.loads(line) for line in (storage / name / "history.jsonl").read_text().splitlines() if line]
     last = history[-1]
     best = max(history, key=lambda row: row["val_iou"])
@@ -108,6 +111,40 @@ def train_once(
         "best_epoch": best["epoch"],
         "val_iou_by_epoch": [row["val_iou"] for row in history],
     }
+
+
+def run_showing_epochs(command: list[str], name: str, timeout_s: float) -> tuple[int, list[str]]:
+    """Run `command`, passing its epoch and time-budget lines on to the log as they come (a run
+    takes up to 20 minutes); (exit code, its last lines of output). Killed after `timeout_s`."""
+    # its own process group, so that a timeout or an interrupt also stops the local Ray it started
+    # (which holds the pipe open); a run left behind would slow every later run on the machine
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        os.killpg(process.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout_s, stop)
+    timer.start()
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    try:
+        for line in process.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            if line.startswith(PROGRESS_LINES):
+                log(f"{name}: {line.removeprefix('[unet-ray] ')}")
+        returncode = process.wait()
+    finally:
+        timer.cancel()
+        if process.poll() is None:  # interrupted (Ctrl-C: its own session does not get the SIGINT)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if timed_out.is_set():
+        tail.append(f"[quality] killed after the run timeout of {timeout_s:.0f} s (--run-timeout-s)")
+    return returncode, list(tail)
 
 
 def _figures(row: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,42 @@ def test_quality_benchmark_interleaves_the_recipes_seed_by_seed(tmp_path, monkey
     assert [run["seed"] for run in rows["old defaults"]["runs"]] == [0, 1]
     assert rows["new defaults"]["summary"]["last_val_iou"]["mean"] == pytest.approx(0.55)
     assert rows["new defaults"]["summary"]["last_val_iou"]["spread"] == pytest.approx(0.1)
+
+
+def test_quality_runs_show_their_epochs_as_they_come_and_stop_at_the_timeout(capsys):
+    from benchmarks.quality import run_showing_epochs
+
+    script = "import time; print('[unet-ray] epoch 1/9  val_iou 0.5', flush=True); print('noise', flush=True); time.sleep(60)"
+    start = time.monotonic()
+    returncode, tail = run_showing_epochs([sys.executable, "-c", script], "road_new_s0", timeout_s=2)
+    assert time.monotonic() - start < 30
+    assert returncode != 0
+    assert tail[:2] == ["[unet-ray] epoch 1/9  val_iou 0.5", "noise"]
+    assert "killed after the run timeout of 2 s" in tail[-1]
+    shown = capsys.readouterr().err
+    assert "[quality] road_new_s0: epoch 1/9  val_iou 0.5" in shown
+    assert "noise" not in shown  # only the epoch lines, not everything a run prints
+
+    returncode, tail = run_showing_epochs([sys.executable, "-c", "print('done')"], "x", timeout_s=30)
+    assert (returncode, tail) == (0, ["done"])
+
+
+def test_an_interrupted_quality_run_leaves_no_training_behind(monkeypatch):
+    """The run has a session of its own (Ctrl-C does not reach it): stopping the benchmark must stop it."""
+    from benchmarks import quality
+
+    seen = []
+
+    def interrupt(message):
+        seen.append(message)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality, "log", interrupt)
+    script = "import os, time; print(f'[unet-ray] epoch 1/9 pid={os.getpid()}', flush=True); time.sleep(60)"
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        quality.run_showing_epochs([sys.executable, "-c", script], "road_new_s0", timeout_s=120)
+    assert time.monotonic() - start < 30
+    pid = int(seen[0].rsplit("pid=", 1)[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
