@@ -93,7 +93,7 @@ class StepSchedule:
 
 def _build_scheduler(optimizer, schedule: str, lr: float, total: int, warmup: int) -> lr_scheduler.LRScheduler:
     if schedule == "onecycle":
-        # its own warmup (cosine from lr/25 up to lr) and annealing down to lr/1e4
+        # its own warmup (cosine from lr/25 up to lr) and annealing down to (lr/25)/1e4
         share = warmup / total if warmup > 0 else ONECYCLE_WARMUP_SHARE
         return lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=share)
     decay_steps = total - warmup
