@@ -9,7 +9,8 @@ fixed: the last VAL_PAIRS files by number are validation, never trained or tuned
 takes the first --train-pairs of the rest (all by default). Every run is a fresh `unet-ray train`
 process (its own local Ray), timed from launch to exit. Reported per recipe: mean and spread over
 seeds of the last epoch's and the best epoch's val IoU (road IoU or 19-class mIoU), at the training
-size and at the pairs' native 256x256 masks, and the wall time. Writes DIR_OUT/quality.json and .md.
+size and at the pairs' native 256x256 masks, the last epoch's model again with flip test-time
+augmentation (`unet-ray evaluate --tta`), and the wall time. Writes DIR_OUT/quality.json and .md.
 
 With --time-budget MIN every run gets the same wall clock (`unet-ray train --time-budget`, start-up
 included): it trains the epochs that fit, at most --old-epochs / --new-epochs, and the table says
@@ -107,6 +108,9 @@ def train_once(
         "epochs": len(history),  # trained; fewer than asked where a time budget ended the run
         "wall_s": wall,
         "last": _figures(last),
+        # the last epoch's model as `unet-ray evaluate --tta` scores it: evaluation only, outside the
+        # wall time and the time budget (flip TTA doubles the cost of inference, not of training)
+        "last_tta": flip_tta_figures(storage / name, data, len(history)),
         "best": _figures(best),
         "best_epoch": best["epoch"],
         "val_iou_by_epoch": [row["val_iou"] for row in history],
@@ -147,6 +151,17 @@ def run_showing_epochs(command: list[str], name: str, timeout_s: float) -> tuple
     return returncode, list(tail)
 
 
+def flip_tta_figures(run_folder: Path, data: Path, last_epoch: int) -> dict[str, Any]:
+    """Val figures of the run's last checkpoint with flip test-time augmentation."""
+    from unet_ray.checkpoint import latest_checkpoint
+    from unet_ray.evaluate import evaluate_checkpoint
+
+    scores = evaluate_checkpoint(latest_checkpoint(run_folder), data, "val", flip_tta=True)
+    if scores["epoch"] != last_epoch:  # the last epoch's checkpoint is always kept (run.keep_checkpoints)
+        raise RuntimeError(f"{run_folder}: latest checkpoint is of epoch {scores['epoch']}, the run trained {last_epoch}")
+    return _figures(scores)
+
+
 def _figures(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "val_iou": row["val_iou"],
@@ -162,9 +177,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"mean": statistics.fmean(values), "spread": max(values) - min(values), "values": values}
 
     out: dict[str, Any] = {"wall_s": stat([r["wall_s"] for r in runs])}
-    for which in ("last", "best"):
+    for which in ("last", "last_tta", "best"):
         for key in ("val_iou", "val_iou_native"):
-            values = [r[which][key] for r in runs if r[which][key] is not None]
+            values = [r[which][key] for r in runs if which in r and r[which][key] is not None]
             if values:
                 out[f"{which}_{key}"] = stat(values)
     return out
@@ -176,8 +191,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['val_pairs']} val pairs (files {result['val_files']}, never tuned on), 128 px, "
         f"{result['seeds']} seed(s) per row; mean ± spread (max - min).",
         "",
-        "| label set | recipe | epochs trained | wall time | last epoch IoU | last, native 256 px | best epoch IoU | best, native |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| label set | recipe | epochs trained | wall time | last epoch IoU | last, native 256 px "
+        "| last, flip TTA | last, flip TTA, native | best epoch IoU | best, native |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(summary: dict[str, Any], key: str, digits: int = 3) -> str:
@@ -192,7 +208,8 @@ def markdown(result: dict[str, Any]) -> str:
             epochs = " / ".join(str(run["epochs"]) for run in row["runs"])  # per seed
             lines.append(
                 f"| {classes} | {recipe} | {epochs} | {wall['mean'] / 60:.1f} min | {cell(s, 'last_val_iou')} | "
-                f"{cell(s, 'last_val_iou_native')} | {cell(s, 'best_val_iou')} | {cell(s, 'best_val_iou_native')} |"
+                f"{cell(s, 'last_val_iou_native')} | {cell(s, 'last_tta_val_iou')} | {cell(s, 'last_tta_val_iou_native')} | "
+                f"{cell(s, 'best_val_iou')} | {cell(s, 'best_val_iou_native')} |"
             )
     lines.append("")
     if result.get("time_budget"):
@@ -201,6 +218,10 @@ def markdown(result: dict[str, Any]) -> str:
             "start-up included), and trained the epochs that fit (epochs trained: one figure per seed)."
         )
     lines.append("IoU: road IoU for `road`, mean IoU over the 19 classes for `cityscapes19`.")
+    lines.append(
+        "Flip TTA: the last epoch's model evaluated as `unet-ray evaluate --tta` does (mean logits of the photo "
+        "and its mirror); evaluation only, not counted in the wall time."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -64,6 +64,8 @@ def test_quality_benchmark_gives_every_recipe_the_same_time_budget(tmp_path):
     """--time-budget: each `unet-ray train` run plans the epochs that fit its minutes, so the old
     and the new recipe compare at equal wall clock; the table says how many epochs each trained."""
     from unet_ray import pairs
+    from unet_ray.checkpoint import latest_checkpoint
+    from unet_ray.evaluate import evaluate_checkpoint
 
     source = pairs.write_synthetic(tmp_path / "pairs", n_train=10, n_val=1, seed=3) / "train"  # 1.jpg..10.jpg
     out = tmp_path / "results"
@@ -86,10 +88,18 @@ def test_quality_benchmark_gives_every_recipe_the_same_time_budget(tmp_path):
         assert len(run["val_iou_by_epoch"]) == run["epochs"]
         assert run["wall_s"] < budget_min * 60 + 30, (label, run["wall_s"])  # within the budget, give or take an epoch
         assert 0.0 <= run["last"]["val_iou"] <= 1.0 and 0.0 <= run["last"]["val_iou_native"] <= 1.0
+        # flip TTA scores the last epoch's model, as `unet-ray evaluate --tta` does
+        name = f"road_{label.split()[0]}_s0"
+        tta = evaluate_checkpoint(latest_checkpoint(out / "quality_work" / "runs" / name), out / "quality_work" / "prepared_road", flip_tta=True)
+        assert tta["epoch"] == run["epochs"]
+        assert run["last_tta"] == {k: tta[k] for k in ("val_iou", "val_iou_native", "val_pixel_accuracy")}
+        assert row["summary"]["last_tta_val_iou"]["values"] == [tta["val_iou"]]
     table = (out / "quality.md").read_text()
     assert "same time budget, 0.5 min" in table
     for label, row in rows.items():
-        assert f"| road | {label} | {row['runs'][0]['epochs']} |" in table
+        summary = row["summary"]
+        tta_cells = f"| {summary['last_tta_val_iou']['mean']:.3f} ± 0.000 | {summary['last_tta_val_iou_native']['mean']:.3f} ± 0.000 |"
+        assert f"| road | {label} | {row['runs'][0]['epochs']} |" in table and tta_cells in table
 
 
 def test_quality_benchmark_interleaves_the_recipes_seed_by_seed(tmp_path, monkeypatch):
