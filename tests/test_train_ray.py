@@ -370,6 +370,45 @@ def test_val_is_shared_by_every_worker_without_dropping_rows(trained):
         assert sum(rows) == 25 and rows[0] >= 25 // workers, rows
 
 
+def test_each_worker_trains_on_rows_from_the_whole_file_order(trained):
+    """Prepared rows are in file order (city order in Cityscapes); a worker trains on whole blocks.
+    Split as train.py splits it, each worker's epoch must hold rows of both halves of the file
+    order, not one contiguous half (what it got before the rows were shuffled: its BatchNorm
+    statistics came from half the cities). The order depends on run.seed alone."""
+    import threading
+
+    import numpy as np
+
+    from unet_ray.data import build_datasets, shuffle_rows
+    from unet_ray.prepare import read_prepared_split
+
+    cfg, _, _ = trained
+    prepared = cfg.run.storage_path + "/" + cfg.run.name + "/prepared"
+    stored = read_prepared_split(prepared, "train", 64)["image"]
+    position = {image.tobytes(): i for i, image in enumerate(stored)}  # row -> its place in file order
+    assert len(position) == len(stored) == 64
+    train = build_datasets(prepared, 64, augment=False, workers=2, seed=cfg.run.seed)["train"]
+    shards = train.streaming_split(2, equal=True)
+    seen: list[list[int]] = [[], []]
+
+    def consume(rank: int) -> None:  # a streaming split is read by all its consumers at once
+        for batch in shards[rank].iter_batches(batch_size=8):
+            seen[rank].extend(position[image.tobytes()] for image in batch["image"])
+
+    readers = [threading.Thread(target=consume, args=(rank,), daemon=True) for rank in (0, 1)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=60)
+    assert sorted(seen[0] + seen[1]) == list(range(64)), seen
+    for rows in seen:
+        assert min(rows) < 32 <= max(rows), rows  # both halves of the file order
+    columns = {"a": np.arange(10), "b": np.arange(10) * 2}
+    again = shuffle_rows(columns, seed=1)
+    assert (again["b"] == 2 * again["a"]).all() and list(again["a"]) != list(range(10))
+    assert (shuffle_rows(columns, seed=1)["a"] == again["a"]).all()
+
+
 def test_augmentation_is_drawn_anew_every_epoch(trained):
     """Through the Ray Data pipeline training reads: the 64 rows, augmented anew in each epoch
     (val is never augmented). Crop and colour jitter have p=0.5 each, flips 0.5: a row comes

@@ -292,7 +292,7 @@ def fit(
         f"data: {meta['counts']['train']} train / {meta['counts']['val']} val pairs at {meta['image_size']}px, "
         f"label set {meta['classes']}"
     )
-    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers)
+    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers, seed=cfg.run.seed)
     weights = None
     if cfg.class_weighting != "none":
         from unet_ray.losses import class_weights
