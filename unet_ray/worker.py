@@ -284,8 +284,9 @@ def shuffled_batches(
     shard: Any, batch_size: int, device: torch.device | str = "cpu", drop_last: bool = False
 ) -> Iterable[Any]:
     """One epoch of `shard` (a Ray Data iterator or dataset) as torch batches on `device`, in a
-    new row order every epoch, as a DataLoader with shuffle=True gives: rows are mixed in a buffer
-    of a few batches (and the blocks arrive in a new random order too: see data.build_datasets).
+    new row order every epoch, as a DataLoader with shuffle=True gives: rows are mixed in a local
+    buffer of at least a few batches, which Ray fills with whole blocks (the blocks arrive in a new
+    random order too, and hold rows of the whole data set: see data.build_datasets).
     On CUDA the batches arrive pinned and copied ahead of the loop (gpu.torch_batch_options)."""
     return shard.iter_torch_batches(
         batch_size=batch_size, prefetch_batches=2, local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
