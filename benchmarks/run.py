@@ -496,8 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray.data import DataContext
 
     from unet_ray import pairs
-    from unet_ray.prepare import prepare, read_prepared_split
-    from unet_ray.train import ensure_ray, plan_resources
+    from unet_ray.prepare import prepare
+    from unet_ray.prepared_format import read_prepared_split
+    from unet_ray.raysession import ensure_ray
+    from unet_ray.train import plan_resources
 
     result: dict[str, Any] = {
         "machine": machine_name(), "mode": "quick" if args.quick else "full", "cpus": os.cpu_count(),

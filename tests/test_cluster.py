@@ -30,7 +30,7 @@ else:  # the test extra installs tomli on 3.10
 from helpers import listening_addresses
 from unet_ray import cluster
 from unet_ray.checkpoint import resolve
-from unet_ray.train import ONE_MACHINE_RAY_ENV
+from unet_ray.raysession import ONE_MACHINE_RAY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "cluster"

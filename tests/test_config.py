@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def test_unknown_key():
 
 
 def test_section_not_a_mapping():
-    _raises({"optim": 3}, "optim")
+    _raises({"optim": 3}, "my.yaml", "section 'optim' must be a mapping, got 3")
 
 
 @pytest.mark.parametrize(
@@ -93,24 +92,25 @@ def test_section_not_a_mapping():
     ],
 )
 def test_wrong_type(values, key):
-    _raises(values, key, "expected")
+    (given,) = next(iter(values.values())).values()
+    _raises(values, key, "expected", f"got {given!r}")
 
 
 @pytest.mark.parametrize(
     "values,key",
-    [
-        ({"optim": {"lr": -0.1}}, "optim.lr"),
-        ({"optim": {"lr": 0}}, "optim.lr"),
-        ({"optim": {"epochs": 0}}, "optim.epochs"),
-        ({"optim": {"time_budget": 0}}, "optim.time_budget"),
-        ({"optim": {"time_budget": -5}}, "optim.time_budget"),
-        ({"optim": {"batch_size": 0}}, "optim.batch_size"),
-        ({"optim": {"dice_weight": -1}}, "optim.dice_weight"),
-        ({"optim": {"class_weights": "median"}}, "optim.class_weights"),
-        ({"run": {"workers": 0}}, "run.workers"),
-        ({"run": {"name": "a/b"}}, "run.name"),
-        ({"model": {"depth": 0}}, "model.depth"),
-        ({"data": {"image_size": 16}}, "data.image_size"),
+    [  # the key and the value given, as the config holds it (an int for a float key: 0.0)
+        ({"optim": {"lr": -0.1}}, "optim.lr=-0.1"),
+        ({"optim": {"lr": 0}}, "optim.lr=0.0"),
+        ({"optim": {"epochs": 0}}, "optim.epochs=0: must be >= 1"),
+        ({"optim": {"time_budget": 0}}, "optim.time_budget=0.0"),
+        ({"optim": {"time_budget": -5}}, "optim.time_budget=-5.0"),
+        ({"optim": {"batch_size": 0}}, "optim.batch_size=0"),
+        ({"optim": {"dice_weight": -1}}, "optim.dice_weight=-1.0"),
+        ({"optim": {"class_weights": "median"}}, "optim.class_weights='median'"),
+        ({"run": {"workers": 0}}, "run.workers=0"),
+        ({"run": {"name": "a/b"}}, "run.name='a/b'"),
+        ({"model": {"depth": 0}}, "model.depth=0"),
+        ({"data": {"image_size": 16}}, "data.image_size=16"),
     ],
 )
 def test_impossible_values(values, key):
@@ -151,7 +151,7 @@ def test_coerce():
     assert coerce("0.5", float | None, "x") == 0.5
     with pytest.raises(ConfigError, match="where"):
         coerce(None, int, "where")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="x: expected int, got True"):  # a bool is no int here
         coerce(True, int, "x")
     for text in ("--3", "²", "1.5", "ten"):  # not ints: a ConfigError naming the key, no bare ValueError
         with pytest.raises(ConfigError, match="optim.epochs"):
@@ -171,13 +171,6 @@ def test_load_yaml_errors(tmp_path):
 # --- command line ----------------------------------------------------------------------------
 
 
-def _ray_not_started():
-    """No Ray cluster is up. Ray is not imported here (these tests never import it): if nothing has
-    imported it, nothing can have started it; if another module did, ask it."""
-    ray = sys.modules.get("ray")
-    return ray is None or not ray.is_initialized()
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -186,15 +179,15 @@ def _ray_not_started():
         (["synth", "--out", "{tmp}/s", "--train", "0", "--val", "2"], "--train 0 --val 2: synthetic data needs at least 1"),
     ],
 )
-def test_cli_prepare_and_synth_check_sizes_before_any_work(argv, message, pairs_folder, tmp_path, capsys):
+def test_cli_prepare_and_synth_check_sizes_before_any_work(argv, message, pairs_folder, tmp_path, capsys, ray_must_not_start):
     argv = [a.format(pairs=pairs_folder, tmp=tmp_path) for a in argv]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
-    assert _ray_not_started()
+    assert ray_must_not_start.calls == []
 
 
-def test_cli_bad_lr_fails_fast_before_any_cluster(capsys):
+def test_cli_bad_lr_fails_fast_before_any_cluster(capsys, ray_must_not_start):
     start = time.perf_counter()
     rc = cli.main(["train", "--lr", "-1"])
     elapsed = time.perf_counter() - start
@@ -202,10 +195,10 @@ def test_cli_bad_lr_fails_fast_before_any_cluster(capsys):
     err = capsys.readouterr().err
     assert "optim.lr" in err and "error" in err
     assert elapsed < 5
-    assert _ray_not_started()
+    assert ray_must_not_start.calls == []
 
 
-def test_cli_yaml_unknown_key_fails(tmp_path, capsys):
+def test_cli_yaml_unknown_key_fails(tmp_path, capsys, ray_must_not_start):
     path = _yaml(tmp_path, "optim:\n  lrr: 0.1\n")
     start = time.perf_counter()
     rc = cli.main(["train", "--config", str(path)])
@@ -213,7 +206,7 @@ def test_cli_yaml_unknown_key_fails(tmp_path, capsys):
     assert time.perf_counter() - start < 5
     err = capsys.readouterr().err
     assert "optim.lrr" in err and str(path) in err
-    assert _ray_not_started()
+    assert ray_must_not_start.calls == []
 
 
 def test_cli_missing_yaml_fails(tmp_path, capsys):
@@ -244,7 +237,7 @@ def test_flags_override_yaml(tmp_path):
 def test_flags_not_given_do_not_override():
     args = cli.build_parser().parse_args(["train"])
     assert cli.overrides_from_args(args) == {}
-    assert cli.config_from_args(args).to_dict() == TrainConfig().to_dict()
+    assert cli.config_from_args(args).to_dict() == TrainConfig().validate(check_paths=False).to_dict()
 
 
 def test_flag_combination_validated():

@@ -22,7 +22,7 @@ import yaml
 from helpers import kill_session
 from test_dashboard import browser, open_page  # noqa: F401  (browser: headless Chromium, a fixture)
 
-from unet_ray import console
+from unet_ray import console, summary
 from unet_ray.dashboard.figures import RUN_CHART_IDS, build_figures
 from unet_ray.dashboard.results import FINISHED, read_experiment
 
@@ -94,27 +94,29 @@ def test_count_progress_prints_bounded_lines_with_rate_and_time_left():
 
 
 def test_worker_settings_count_batches_per_worker(monkeypatch):
-    settings = console.worker_settings(train_rows=97, workers=2, batch_size=16)
+    from unet_ray.data import steps_per_epoch
+
+    settings = console.worker_settings(steps_per_epoch(train_rows=97, workers=2, batch_size=16))
     assert settings["batches"] == 3  # 48 rows per worker (the equal split drops one) in batches of 16
     assert settings["every_s"] == console.PROGRESS_EVERY_LOG_S  # pytest's stdout is not a terminal
 
 
 def test_next_commands_name_the_real_paths(tmp_path):
     run = tmp_path / "my runs" / "unet"
-    lines = console.next_commands(run, None, run / "report.html")
+    lines = summary.next_commands(run, None, run / "report.html")
     text = "\n".join(lines)
     assert f"unet-ray evaluate --checkpoint '{run}' --data '{run}/prepared'" in text
     assert f"--input '{run}/synthetic_pairs/val'" in text
     assert f"unet-ray dashboard --results '{run}'" in text
     pairs = tmp_path / "pairs"
-    assert f"--input {pairs}/val " in "\n".join(console.next_commands(run, str(pairs), None))
+    assert f"--input {pairs}/val " in "\n".join(summary.next_commands(run, str(pairs), None))
 
 
 def test_tune_prints_one_line_per_trial_event():
     from types import SimpleNamespace
 
     printed: list[str] = []
-    lines = console.trial_lines(3, printer=lambda line, **_: printed.append(line))
+    lines = summary.trial_lines(3, printer=lambda line, **_: printed.append(line))
     trial = SimpleNamespace(trial_id="a1_00000", config={"lr": 0.00123, "depth": 3}, last_result={}, local_path="/x/t")
     lines.on_trial_start(0, [trial], trial)
     lines.on_trial_result(1, [trial], trial, {"epoch": 1, "val_iou": 0.5, "train_loss": 0.25})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet_ray import evaluate, pairs, palette, prepare
-from unet_ray.prepare import DataError, check_compatible, read_meta
+from unet_ray import evaluate, pairs, palette, prepare, prepared_format
+from unet_ray.prepared_format import DataError, check_compatible, read_meta
 from unet_ray.transforms import resize_pair
 
 pa = pytest.importorskip("pyarrow")
@@ -87,10 +87,10 @@ def test_iter_split_skips_bad_file_when_asked(pairs_folder):
 
 
 def test_iter_split_missing_folder_and_split(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="data folder .*/nothing does not exist"):
         list(evaluate.iter_split(tmp_path / "nothing", "val", "road", 64))
     (tmp_path / "pairs" / "train").mkdir(parents=True)
-    with pytest.raises(DataError, match="val"):
+    with pytest.raises(DataError, match="/pairs/val does not exist"):
         list(evaluate.iter_split(tmp_path / "pairs", "val", "road", 64))
 
 
@@ -121,7 +121,7 @@ def _write_prepared(folder, pairs_root, image_size=64, label_set="road", meta_ov
         pq.write_table(table, folder / split / "part-0.parquet")
         counts[split] = len(files)
     meta = {
-        "format": prepare.FORMAT,
+        "format": prepared_format.FORMAT,
         "image_size": image_size,
         "classes": label_set,
         "class_names": palette.class_names(label_set),
@@ -129,7 +129,7 @@ def _write_prepared(folder, pairs_root, image_size=64, label_set="road", meta_ov
         "skipped": 0,
     }
     meta.update(meta_overrides or {})
-    (folder / prepare.META_FILE).write_text(json.dumps(meta))
+    (folder / prepared_format.META_FILE).write_text(json.dumps(meta))
     return folder
 
 
@@ -215,13 +215,13 @@ def test_check_compatible():
 
 
 def test_looks_prepared(tmp_path, pairs_folder):
-    assert not prepare.looks_prepared(pairs_folder)  # JPEG pairs only
+    assert not prepared_format.looks_prepared(pairs_folder)  # JPEG pairs only
     prepared = _write_prepared(tmp_path / "prepared", pairs_folder)
-    assert prepare.looks_prepared(prepared)
+    assert prepared_format.looks_prepared(prepared)
     (prepared / "meta.json").unlink()
-    assert prepare.looks_prepared(prepared)  # Parquet under train/, val/: read_meta explains what is wrong
+    assert prepared_format.looks_prepared(prepared)  # Parquet under train/, val/: read_meta explains what is wrong
     flat = tmp_path / "flat"
     flat.mkdir()
     pq.write_table(pa.table({"x": [1]}), flat / "a.parquet")
-    assert prepare.looks_prepared(flat)
-    assert not prepare.looks_prepared(tmp_path / "empty-dir-that-does-not-exist")
+    assert prepared_format.looks_prepared(flat)
+    assert not prepared_format.looks_prepared(tmp_path / "empty-dir-that-does-not-exist")

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from unet_ray import checkpoint as ckpt_io
-from unet_ray import engine, evaluate, pairs, palette, predict, train
+from unet_ray import engine, evaluate, pairs, palette, predict, raysession
 from unet_ray.cli import main
 from unet_ray.config import TrainConfig
 from unet_ray.metrics import ConfusionMatrix
 from unet_ray.model import build_model
-from unet_ray.prepare import DataError
+from unet_ray.prepared_format import DataError
 
 from conftest import encode, jpeg_claiming_a_huge_size
 
@@ -71,7 +71,7 @@ def city_checkpoint(tmp_path_factory):
 def ray_session():
     import ray
 
-    from unet_ray.train import ensure_ray
+    from unet_ray.raysession import ensure_ray
 
     ensure_ray()
     yield
@@ -173,7 +173,12 @@ def test_actor_resources_fit_small_machines():
     resources, actors, threads = predict.actor_resources(2, False, {"CPU": 2.0})
     assert resources == {"num_cpus": 0.75} and actors == 2 and threads == 1
     assert predict.actor_resources(2, False, {"CPU": 16.0})[2] == 8
-    assert predict.actor_resources(4, True, {"CPU": 8.0, "GPU": 2.0})[:2] == ({"num_gpus": 1, "num_cpus": 1}, 2)
+    # --gpu: every actor runs, the GPUs shared evenly (fractions that pack: 3 actors on 2 GPUs ask
+    # for half a GPU each, not 2/3, which two could not share)
+    assert predict.actor_resources(4, True, {"CPU": 8.0, "GPU": 2.0})[:2] == ({"num_gpus": 0.5, "num_cpus": 1}, 4)
+    assert predict.actor_resources(3, True, {"CPU": 8.0, "GPU": 2.0})[:2] == ({"num_gpus": 0.5, "num_cpus": 1}, 3)
+    assert predict.actor_resources(1, True, {"CPU": 8.0, "GPU": 2.0})[:2] == ({"num_gpus": 1.0, "num_cpus": 1}, 1)
+    assert predict.actor_resources(4, True, {"CPU": 8.0, "GPU": 1.0})[:2] == ({"num_gpus": 0.25, "num_cpus": 1}, 4)
     with pytest.raises(DataError, match="no GPUs"):
         predict.actor_resources(1, True, {"CPU": 8.0})
 
@@ -235,7 +240,7 @@ def test_cli_input_errors_stop_before_ray(trained, tmp_path, capsys, monkeypatch
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a run that should have stopped before it")
 
-    monkeypatch.setattr(train, "ensure_ray", no_ray)  # predict imports it from unet_ray.train when run
+    monkeypatch.setattr(raysession, "ensure_ray", no_ray)  # predict imports it from unet_ray.raysession when run
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "input" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(tmp_path / "none"), "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2

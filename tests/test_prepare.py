@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from unet_ray.prepare import DataError, prepared_arrays, read_prepared_split
+from unet_ray.prepared_format import DataError, prepared_arrays, read_prepared_split
 
 
 def _rows(n: int, size: int, seed: int = 0, binary=pa.binary()):

@@ -69,10 +69,19 @@ def test_constant_with_warmup_and_onecycle():
 
 def test_optimizers():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert type(recipe.build_optimizer(params, optim_cfg(optimizer="adam"))) is torch.optim.Adam
-    assert type(recipe.build_optimizer(params, optim_cfg(optimizer="adamw", weight_decay=0.05))) is torch.optim.AdamW
-    sgd = recipe.build_optimizer(params, optim_cfg(optimizer="sgd"))
+    adam = recipe.build_optimizer(params, optim_cfg(optimizer="adam", weight_decay=0.01))
+    assert type(adam) is torch.optim.Adam
+    assert (adam.param_groups[0]["lr"], adam.param_groups[0]["weight_decay"]) == (LR, 0.01)
+    adamw = recipe.build_optimizer(params, optim_cfg(optimizer="adamw", weight_decay=0.05))
+    assert type(adamw) is torch.optim.AdamW
+    assert (adamw.param_groups[0]["lr"], adamw.param_groups[0]["weight_decay"]) == (LR, 0.05)
+    sgd = recipe.build_optimizer(params, optim_cfg(optimizer="sgd", weight_decay=1e-4))
     assert type(sgd) is torch.optim.SGD and sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
+    assert (sgd.param_groups[0]["lr"], sgd.param_groups[0]["weight_decay"]) == (LR, 1e-4)
+    plain = recipe.build_optimizer(params, optim_cfg(optimizer="sgd", momentum=0.0))  # Nesterov needs momentum
+    assert plain.param_groups[0]["momentum"] == 0.0 and not plain.param_groups[0]["nesterov"]
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        recipe.build_optimizer(params, optim_cfg(optimizer="lamb"))
 
 
 def test_steps_per_epoch_matches_an_equal_split():
@@ -327,3 +336,32 @@ def test_the_pace_is_the_recent_epochs_and_the_first_does_not_count_its_wait_for
     assert worker.recent_pace([37.5]) == 37.5
     assert worker.recent_pace([100.0, 30.0, 40.0, 50.0]) == pytest.approx(40.0)  # the last PACE_EPOCHS only
     assert worker.PACE_EPOCHS == 3
+
+
+def test_ema_update_equals_torchs_and_leaves_its_counter_where_it_is(monkeypatch):
+    """recipe.WeightEMA gives the weights torch's AveragedModel gives with the same EMA function,
+    BatchNorm statistics and counters included, without copying its step counter anywhere on an
+    update (torch's copies it to the weights' device on every step: a host-device sync on a GPU)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ours = recipe.build_ema(model, 0.8)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    moved = []
+    real_to = torch.Tensor.to
+    for _ in range(4):
+        model.train()
+        model(torch.randn(2, 3, 8, 8))  # moves the BatchNorm statistics and its batch counter
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(self.shape) or real_to(self, *a, **k))
+        ours.update_parameters(model)
+        monkeypatch.setattr(torch.Tensor, "to", real_to)
+        theirs.update_parameters(model)
+    assert moved == []
+    assert ours.n_averaged.device.type == "cpu" and int(ours.n_averaged) == int(theirs.n_averaged) == 4
+    for (name, got), want in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        assert torch.equal(got, want), name
+    assert not torch.equal(ours.module[0].weight, model[0].weight)  # an average, not a copy

@@ -14,7 +14,7 @@ from unet_ray import recipe
 from unet_ray.data import steps_per_epoch
 from unet_ray.config import TrainConfig
 from unet_ray.evaluate import evaluate_checkpoint
-from unet_ray.prepare import DataError
+from unet_ray.prepared_format import DataError
 
 pytestmark = pytest.mark.ray
 
@@ -52,7 +52,7 @@ def planned_lrs(cfg: TrainConfig, epochs: int) -> list[float]:
 def ray_session():
     import ray
 
-    from unet_ray.train import ensure_ray
+    from unet_ray.raysession import ensure_ray
 
     ensure_ray()
     yield
@@ -162,14 +162,15 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
     import numpy as np
 
     from unet_ray.losses import class_weights
-    from unet_ray.prepare import read_prepared_split
-    from unet_ray.train import read_history, run_dir_of, run_training
+    from unet_ray.prepared_format import read_prepared_split
+    from unet_ray.summary import run_and_report
+    from unet_ray.train import read_history, run_dir_of
 
     cfg = small_config(tmp_path, name="city", epochs=2, classes="cityscapes19", augment=True)
     assert cfg.optim.class_weights == "auto"  # the default: inverse_log for 19 classes
     cfg.model.deep_supervision = 0.4  # off by default; on here to train the aux heads through DDP
     printed: list[str] = []
-    summary = run_training(cfg, progress=printed.append)
+    summary = run_and_report(cfg, progress=printed.append)
     run_dir = run_dir_of(cfg)
 
     # the weights come from the run's own training masks, and the run says which they are
@@ -225,7 +226,7 @@ LOCAL_RAY_ADDRESSES = """
 import json, os, sys
 import ray
 from helpers import descendants, listening_addresses
-from unet_ray.train import ensure_ray
+from unet_ray.raysession import ensure_ray
 ensure_ray(progress=lambda *_: None)
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "dashboard": ray._private.worker.get_dashboard_url(),
                   "listening": sorted(listening_addresses(descendants(os.getpid())))}))
@@ -265,7 +266,7 @@ def test_local_ray_is_on_loopback_only_with_token_auth(ray_session):
     assert refused.value.code == 401
 
 
-# The two Ray Train features ensure_ray turns off outside ONE_MACHINE_RAY_ENV (train.py says why)
+# The two Ray Train features ensure_ray turns off outside ONE_MACHINE_RAY_ENV (raysession.py says why)
 RAY_TRAIN_SWITCHES_OFF = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
@@ -276,7 +277,7 @@ def test_local_ray_processes_get_the_one_machine_settings(ray_session):
 
     import ray
 
-    from unet_ray.train import ONE_MACHINE_RAY_ENV
+    from unet_ray.raysession import ONE_MACHINE_RAY_ENV
 
     wanted = {**ONE_MACHINE_RAY_ENV, **RAY_TRAIN_SWITCHES_OFF}
 
@@ -293,7 +294,7 @@ def test_ray_train_still_passes_our_settings_on():
     otherwise turn them off without a sign (the tests above only see that the variables are set)."""
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 
-    from unet_ray.train import ONE_MACHINE_RAY_ENV
+    from unet_ray.raysession import ONE_MACHINE_RAY_ENV
 
     ours = {name for name in ONE_MACHINE_RAY_ENV if name.startswith("RAY_TRAIN_")}
     assert ours, ONE_MACHINE_RAY_ENV
@@ -380,7 +381,7 @@ def test_each_worker_trains_on_rows_from_the_whole_file_order(trained):
     import numpy as np
 
     from unet_ray.data import build_datasets, shuffle_rows
-    from unet_ray.prepare import read_prepared_split
+    from unet_ray.prepared_format import read_prepared_split
 
     cfg, _, _ = trained
     prepared = cfg.run.storage_path + "/" + cfg.run.name + "/prepared"

@@ -18,7 +18,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--cpus-per-worker": ("run.cpus_per_worker", float, "CPUs per worker (default: worked out from the cluster)"),
     "--epochs": ("optim.epochs", int, "epochs (with --time-budget: the most it may train)"),
     "--time-budget": ("optim.time_budget", float, "minutes for the whole run: after epoch 1 it plans the epochs that fit"),
-    "--batch-size": ("optim.batch_size", int, "batch size per worker"),
+    "--batch-size": ("optim.batch_size", int, "batch size per worker (default 8 on CPUs, 32 with --gpu)"),
     "--lr": ("optim.lr", float, "peak learning rate"),
     "--weight-decay": ("optim.weight_decay", float, "weight decay (decoupled with adamw)"),
     "--optimizer": ("optim.optimizer", str, "adam, adamw or sgd (Nesterov momentum)"),
@@ -84,7 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from unet_ray.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigError, check_image_size
     from unet_ray.prepare import needs_ray, prepare
-    from unet_ray.train import ensure_ray
+    from unet_ray.raysession import ensure_ray
 
     if not check_image_size(args.image_size):
         raise ConfigError(f"--image-size {args.image_size}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
@@ -96,9 +96,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # every config error surfaces here, before Ray starts
-    from unet_ray.train import run_training
+    from unet_ray.summary import run_and_report
 
-    run_training(cfg)
+    run_and_report(cfg)
     return 0
 
 
@@ -247,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", metavar="DIR_OR_FILE",
                    help="photo files, photo folders (searched recursively) or pairs folders (train/, val/)")
     p.add_argument("--out", required=True, help="output folder (also gets summary.json and skipped.txt)")
-    p.add_argument("--workers", type=int, default=2, help="model actors (default 2; with --gpu one GPU each)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--workers", type=int, default=2,
+                   help="model actors (default 2); with --gpu they share the GPUs, a fraction each: "
+                        "one decodes its photos while another's batch runs on the GPU")
+    p.add_argument("--gpu", action="store_true", help="predict on GPUs, shared by the model actors (see --workers)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png (photo blended with the colours)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
     p.add_argument("--input-kind", default="auto", choices=["auto", "photo", "pair"],
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     from unet_ray.checkpoint import CheckpointError
     from unet_ray.config import ConfigError
     from unet_ray.pairs import BadPairError
-    from unet_ray.prepare import DataError
+    from unet_ray.prepared_format import DataError
 
     args = build_parser().parse_args(argv)
     if args.command in RAY_COMMANDS:

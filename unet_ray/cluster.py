@@ -114,7 +114,7 @@ def _node_env(cluster: LocalCluster, head: bool) -> dict[str, str]:
         # Ray's single-machine mode (set by client_env) refuses to start a second node; extra
         # nodes join the head's 127.0.0.1 with --node-ip-address=127.0.0.1 and stay on loopback.
         env.pop(LOOPBACK_ONLY_ENV)
-    from unet_ray.train import ONE_MACHINE_RAY_ENV
+    from unet_ray.raysession import ONE_MACHINE_RAY_ENV
 
     # This cluster's nodes share one machine, as a local Ray's processes do; a job's driver
     # inherits these from its node, and Ray Train passes the poll interval on to its controller.

@@ -29,6 +29,31 @@ SCHEDULES = ("constant", "cosine", "poly", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 CLASS_WEIGHTINGS = ("auto", "none", "inverse_log")
 MIN_BOTTLENECK = 2  # pixels left at the bottom of the UNet
+# Default batch per worker. 8 on CPUs (measured: larger batches gave no more images/s on 2 cores).
+# 32 per GPU: 8 leaves a GPU launch-bound (the default model at 256 px is small); the learning
+# rate stays at its default (AdamW's step size does not grow with the batch as SGD's does; the
+# warmup covers the start); on a GPU, search lr first (tune_configs/lr_depth.yaml).
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 32
+# Search keys of a Tune YAML's `search:` section and the config field each one sets (here, low,
+# so that the dashboard can order a sweep's columns without importing the search).
+SEARCHABLE = {
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "dice_weight": "optim.dice_weight",
+    "class_weights": "optim.class_weights",
+    "batch_size": "optim.batch_size",
+    "depth": "model.depth",
+    "base_channels": "model.base_channels",
+    "optimizer": "optim.optimizer",
+    "schedule": "optim.schedule",
+    "warmup_epochs": "optim.warmup_epochs",
+    "ema_decay": "optim.ema_decay",
+    "augment": "data.augment",
+    "block": "model.block",
+    "upsample": "model.upsample",
+    "deep_supervision": "model.deep_supervision",
+}
 
 
 class ConfigError(ValueError):
@@ -65,7 +90,8 @@ class OptimSection:
     # epoch 1 the run plans as many epochs as fit (at most `epochs`), its schedule spans them, and
     # later epochs adjust the plan to the pace (worker.budget_plan)
     time_budget: float | None = None
-    batch_size: int = 8  # per worker
+    # per worker; None: 8 on CPUs, 32 on GPUs (CPU_BATCH_SIZE, GPU_BATCH_SIZE; resolved by validate)
+    batch_size: int | None = None
     lr: float = 2e-3  # peak learning rate (after warmup)
     weight_decay: float = 1e-4
     dice_weight: float = 0.0  # weight of the soft-Dice term added to BCE / CE
@@ -113,6 +139,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self, check_paths: bool = True) -> "TrainConfig":
+        if self.optim.batch_size is None:
+            self.optim.batch_size = GPU_BATCH_SIZE if self.run.gpu else CPU_BATCH_SIZE
         _validate(self, check_paths)
         return self
 
@@ -225,11 +253,11 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
     need(o.optimizer in OPTIMIZERS, f"optim.optimizer={o.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     need(0 <= o.momentum < 1, f"optim.momentum={o.momentum}: must be in [0, 1)")
+    need(o.epochs >= 1, f"optim.epochs={o.epochs}: must be >= 1")
     need(0 <= o.warmup_epochs < o.epochs, f"optim.warmup_epochs={o.warmup_epochs}: must be >= 0 and below optim.epochs={o.epochs}")
     need(0 <= o.ema_decay < 1, f"optim.ema_decay={o.ema_decay}: must be in [0, 1) (0 turns the EMA off)")
     need(r.precision in PRECISIONS, f"run.precision={r.precision!r}: choose one of {', '.join(PRECISIONS)}")
     need(1 <= m.base_channels <= 512, f"model.base_channels={m.base_channels}: must be between 1 and 512")
-    need(o.epochs >= 1, f"optim.epochs={o.epochs}: must be >= 1")
     need(o.time_budget is None or o.time_budget > 0, f"optim.time_budget={o.time_budget}: minutes, must be > 0")
     need(o.batch_size >= 1, f"optim.batch_size={o.batch_size}: must be >= 1")
     need(0 < o.lr < 10, f"optim.lr={o.lr}: must be positive (and below 10)")

@@ -1,5 +1,6 @@
-"""What a run prints: Ray kept quiet by default, live progress in each epoch, one line per epoch,
-and the next commands at the end. `-v/--verbose` lets Ray say everything again.
+"""What a run prints while it works: Ray kept quiet by default, live progress in each epoch and in
+`prepare` and `predict`, one line per epoch. `-v/--verbose` lets Ray say everything again. Low in
+the layers (it imports nothing of this package): the end of a run is printed by summary.py.
 
 Quiet is done with Ray's own settings, never by filtering text (Ray 2.60):
 - Ray Train (controller and workers: worker-group lines, "Moving model to device", ...):
@@ -35,12 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import sys
 import time
-import types
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 VERBOSE_ENV = "UNET_RAY_VERBOSE"  # "1": Ray says everything; read by Tune trial processes too
@@ -99,17 +97,11 @@ def train_logging_config():
 # ---------------------------------------------------------------------------------------------
 
 
-def worker_settings(train_rows: int, workers: int, batch_size: int, lines: bool = True) -> dict[str, Any]:
+def worker_settings(batches: int, lines: bool = True) -> dict[str, Any]:
     """What rank 0 needs to print progress: built by the driver, sent in train_loop_config.
-    `lines=False` (Tune trials) keeps the workers silent: the sweep prints trial events."""
-    from unet_ray.data import steps_per_epoch
-
-    return {
-        "lines": lines,
-        "verbose": is_verbose(),
-        "batches": steps_per_epoch(train_rows, workers, batch_size),
-        "every_s": progress_every_s(),
-    }
+    `batches`: each worker's batches per epoch (data.steps_per_epoch). `lines=False` (Tune
+    trials) keeps the workers silent: the sweep prints trial events."""
+    return {"lines": lines, "verbose": is_verbose(), "batches": batches, "every_s": progress_every_s()}
 
 
 def quiet_train_worker(settings: dict[str, Any]) -> None:
@@ -206,103 +198,7 @@ def budget_line(budget_min: float, planned: int, max_epochs: int, epoch_s: float
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Driver: the end of a run
-# ---------------------------------------------------------------------------------------------
-
-
 def duration(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
-
-def finish_train(summary: dict[str, Any], run_dir: Path, data: str | None, seconds: float, progress=print) -> None:
-    """The end of `unet-ray train`: the result, the run's report page, the next commands."""
-    from unet_ray.dashboard.report import write_report
-    from unet_ray.dashboard.results import DashboardError
-
-    m = summary["metrics"]
-    progress(
-        f"done in {duration(seconds)}: best val_iou {m['val_iou']:.4f} at epoch {m['epoch']} "
-        f"(pixel accuracy {m['val_pixel_accuracy']:.4f})"
-    )
-    progress(f"run folder: {run_dir}  (best.json, history.jsonl; best checkpoint {summary['checkpoint']})")
-    report = run_dir / "report.html"
-    try:
-        write_report(run_dir, report)
-        progress(f"report: {report}  (curves, IoU per class, predicted masks; opens with no network)")
-    except (DashboardError, OSError) as e:  # the run itself succeeded: say why there is no page
-        report = None
-        progress(f"report: not written ({e})")
-    for line in next_commands(run_dir, data, report):
-        progress(line)
-
-
-def next_commands(run_dir: Path, data: str | None, report: Path | None) -> list[str]:
-    """The commands to look at a finished train run or sweep (`run_dir`: the run's or the
-    experiment's folder; `checkpoint` arguments take either), with its real paths. `report`: the
-    page already written, if any."""
-    from unet_ray.prepare import looks_prepared
-
-    q = shlex.quote
-    run = str(run_dir)
-    if data is None:  # built-in synthetic pairs
-        eval_data, photos = run_dir / "prepared", run_dir / "synthetic_pairs" / "val"
-    else:
-        eval_data = Path(data).expanduser()
-        photos = None if looks_prepared(eval_data) else eval_data / "val"
-    lines = [
-        "next:",
-        f"  unet-ray evaluate --checkpoint {q(run)} --data {q(str(eval_data))}",
-        f"  unet-ray predict --checkpoint {q(run)} --input {q(str(photos)) if photos else 'PHOTOS_DIR'} "
-        f"--out {q(str(run_dir / 'predictions'))}",
-        f"  unet-ray report --results {q(run)} --out {q(str(report or run_dir / 'report.html'))}"
-        + ("   (written already; again for a fresh copy)" if report else ""),
-        f"  unet-ray dashboard --results {q(run)}",
-    ]
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# Driver: a Tune sweep
-# ---------------------------------------------------------------------------------------------
-
-
-def format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def _say(*args, **kwargs) -> None:
-    """print(), looked up when called: Tune pickles its callbacks with the run config, and the
-    builtin itself cannot be pickled once Ray has patched `print` in this process."""
-    print(*args, **kwargs, flush=True)
-
-
-def trial_lines(max_epochs: int, printer=None):
-    """A Tune callback (it runs in the driver) that prints one line per trial event: started,
-    each epoch's result, finished or stopped early by the scheduler, errored."""
-    from ray.tune import Callback
-
-    if printer is None or isinstance(printer, types.BuiltinFunctionType):  # print itself: see _say
-        printer = _say
-
-    class TrialLines(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            printer(f"tune: trial {trial.trial_id} started  {format_params(trial.config)}")
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "val_iou" in result and "epoch" in result:
-                printer(
-                    f"tune: trial {trial.trial_id} epoch {result['epoch']}/{max_epochs}  val_iou {result['val_iou']:.4f}  "
-                    f"loss {result.get('train_loss', float('nan')):.4f}",
-                )
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            epoch = (trial.last_result or {}).get("epoch", 0)
-            how = "finished" if epoch >= max_epochs else f"stopped early by the scheduler after epoch {epoch}"
-            printer(f"tune: trial {trial.trial_id} {how}")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            printer(f"tune: trial {trial.trial_id} errored (its error is in {trial.local_path or 'its folder'}/error.txt)")
-
-    return TrialLines()

@@ -22,15 +22,14 @@ import numpy as np
 
 from unet_ray import pairs
 from unet_ray.config import TrainConfig
-from unet_ray.prepare import (
-    DATA_TASK_CPUS,
+from unet_ray.prepare import DATA_TASK_CPUS, prepare
+from unet_ray.prepared_format import (
     FORMAT,
     META_FILE,
     SKIPPED_FILE,
     DataError,
     check_compatible,
     looks_prepared,
-    prepare,
     read_meta,
     read_prepared_split,
 )

@@ -32,6 +32,21 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def exact_fp32(device: torch.device):
+    """fp32 math as on a CPU. On CUDA, PyTorch runs fp32 convolutions in TF32 (a 10-bit mantissa)
+    by default; evaluation turns that off so that a GPU's IoU equals `unet-ray evaluate`'s."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -78,7 +93,7 @@ def train_one_epoch(
         if steps == 0:  # how long the epoch waited for data before its first step, plus that step
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            first_step_seconds = time.perf_counter() - start
+            first_step_seconds, first_step_images = time.perf_counter() - start, x.shape[0]
             ran_as = {
                 "logits_dtype": str(logits.dtype).removeprefix("torch."),
                 "channels_last": x.is_contiguous(memory_format=torch.channels_last),
@@ -94,6 +109,7 @@ def train_one_epoch(
         "train_images": images_seen,
         "train_seconds": seconds,
         "first_step_seconds": first_step_seconds if steps else seconds,
+        "first_step_images": first_step_images if steps else 0,
         **ran_as,
     }
 
@@ -135,7 +151,7 @@ def evaluate(
         confusion["native"] = ConfusionMatrix(num_classes, device)
     for batch in batches:
         x = to_model_input(batch["image"], device, channels_last)
-        with autocast(device, mixed_precision):
+        with autocast(device, mixed_precision), (contextlib.nullcontext() if mixed_precision else exact_fp32(device)):
             logits = predict_logits(model, x, flip_tta)
         confusion["train_size"].update(batch["mask"].to(device), predict_classes(logits))
         if native:

@@ -16,7 +16,7 @@ import torch
 from unet_ray import engine, metrics, palette
 from unet_ray.checkpoint import load_model
 from unet_ray.pairs import BadPairError, is_pairs_folder, list_pairs, read_pair
-from unet_ray.prepare import DataError, check_compatible, looks_prepared, read_meta, read_prepared_split
+from unet_ray.prepared_format import DataError, check_compatible, looks_prepared, read_meta, read_prepared_split
 from unet_ray.transforms import resize_pair
 
 

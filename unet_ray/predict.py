@@ -27,7 +27,7 @@ import numpy as np
 
 from unet_ray import jsonfile, palette
 from unet_ray.pairs import PAIR_HEIGHT, PAIR_WIDTH, SPLITS, BadPairError, decode_pair, is_pairs_folder, list_pairs
-from unet_ray.prepare import DataError
+from unet_ray.prepared_format import DataError
 
 # What a plain photo folder is searched for (a pairs folder keeps pairs.IMAGE_SUFFIXES).
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -231,6 +231,8 @@ class Predictor:
 
         torch.set_num_threads(torch_threads)
         self.device = torch.device(device)
+        # one photo size per run: cuDNN picks its fastest convolution once and keeps it
+        torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.model, cfg, _ = load_model(checkpoint, self.device)
         self.size, self.label_set, self.num_classes = cfg.data.image_size, cfg.data.classes, cfg.num_classes
         self.out, self.overlay, self.skip_existing = Path(out), overlay, skip_existing
@@ -280,7 +282,9 @@ class Predictor:
         from unet_ray.engine import predict_logits, to_model_input
         from unet_ray.model import predict_classes
 
-        with torch.inference_mode():
+        from unet_ray.engine import exact_fp32
+
+        with torch.inference_mode(), exact_fp32(self.device):  # TF32 off on GPUs: the IoU equals evaluate's
             logits = predict_logits(self.model, to_model_input(torch.from_numpy(images), self.device), self.flip_tta)
             return predict_classes(logits).to(torch.uint8).cpu().numpy()
 
@@ -334,7 +338,11 @@ def actor_resources(workers: int, gpu: bool, cluster: dict[str, float]) -> tuple
         gpus = int(cluster.get("GPU", 0))
         if gpus < 1:
             raise DataError("--gpu: the Ray cluster has no GPUs; leave out --gpu to predict on CPUs")
-        return {"num_gpus": 1, "num_cpus": 1}, min(workers, gpus), 1
+        # An actor decodes its photos and encodes its PNGs on one CPU, and the GPU waits meanwhile:
+        # several actors share each GPU (a fraction each, packing evenly) so that one decodes
+        # while another's batch runs on the GPU.
+        per_gpu = math.ceil(workers / gpus)
+        return {"num_gpus": 1 / per_gpu, "num_cpus": 1}, workers, 1
     cpus = max(MIN_ACTOR_CPUS, (cluster.get("CPU", 1) - RESERVE_CPUS) / workers)
     cpus = math.floor(cpus * 100) / 100
     return {"num_cpus": cpus}, workers, max(1, int(cpus + 0.5))
@@ -413,7 +421,7 @@ def predict(
     """Predict every input file into `out`; returns (and writes to out/summary.json) the summary.
     Raises DataError when every input was skipped (the summary and skipped.txt are written first)."""
     from unet_ray.checkpoint import load_model, resolve
-    from unet_ray.train import ensure_ray
+    from unet_ray.raysession import ensure_ray
 
     # Checked before anything starts: an impossible count should not wait for the model or Ray.
     if workers < 1:
@@ -520,6 +528,6 @@ def predict(
 
 
 def _root_cause(error: BaseException) -> str:
-    from unet_ray.train import _root_cause as root_cause
+    from unet_ray.raysession import root_cause
 
     return root_cause(error)

@@ -134,7 +134,30 @@ def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     optimizer step; None when decay is 0. The first update copies the weights."""
     if decay <= 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightEMA(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class WeightEMA(AveragedModel):
+    """AveragedModel whose update costs no host-device sync. Its counter `n_averaged` stays on the
+    CPU (AveragedModel's default), where reading it is free; torch's own update also copies it to
+    the GPU on every step (a blocking copy: the host waits for the GPU's queue), and this one does
+    not: the EMA function never uses it."""
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if int(self.n_averaged) == 0:  # the first update copies the weights
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+        else:
+            floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+            others = [(a, c) for a, c in zip(averaged, current, strict=True) if not a.is_floating_point()]
+            if floats:
+                self.multi_avg_fn([a for a, _ in floats], [c for _, c in floats], None)
+            for a, c in others:  # BatchNorm's batch counters: averaged as torch's EMA does
+                self.multi_avg_fn([a], [c], None)
+        self.n_averaged += 1
 
 
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:

@@ -18,90 +18,18 @@ from typing import Any
 
 from unet_ray import jsonfile
 from unet_ray.config import ConfigError, TrainConfig, storage_uri
+from unet_ray.raysession import check_gpus, ensure_ray, gpu_notice, local_gpus, root_cause
 
 # CPUs kept free for Ray Data tasks when workers' CPUs are worked out automatically.
 DATA_RESERVE_CPUS = 0.5
 BEST_FILE = "best.json"
-# Ray settings for Ray's processes when they all share one machine: a local Ray (ensure_ray) and
-# the nodes of a loopback cluster (`unet-ray cluster up`). Set with setdefault: a user's value wins.
-ONE_MACHINE_RAY_ENV = {
-    # Ray kills idle task workers beyond one per CPU. Our quarter-CPU data tasks then start a
-    # fresh process every epoch and pay ~2 s importing albumentations (and torch) each time.
-    "RAY_num_workers_soft_limit": "8",
-    # How often Ray Train's controller polls its workers (Ray's default: 2 s, made for large
-    # clusters). It also finds a finished run only at its next poll: a tiny 2-epoch run took 41 s
-    # instead of 46-47 s from command to "done" (3 runs each, 2-core VM), at the same images/s.
-    # Ray Train passes it from the driver to its controller and workers.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-}
-
-
 class TrainingFailed(RuntimeError):
     """The run failed; the message carries the first line of the root cause."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray session and resources
+# Resources
 # ---------------------------------------------------------------------------------------------
-
-
-def ensure_ray(progress=print) -> None:
-    """Join the cluster in RAY_ADDRESS (as inside `ray job submit`), else start a local Ray.
-
-    A local Ray binds every port, the dashboard included, to 127.0.0.1, and keeps Ray's token
-    authentication on.
-    """
-    address = os.environ.get("RAY_ADDRESS", "")
-    if not address or any(host in address for host in ("127.0.0.1", "localhost")):
-        # A local Ray, or a loopback cluster (unet-ray cluster up): without this Ray on Linux
-        # advertises the machine's network address and its servers listen on every interface.
-        # Set before `import ray`, which reads it once; see _keep_ray_on_loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        _keep_ray_on_loopback()
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray Train's print patch copies every print() of a worker to stderr as well: each progress
-    # line would reach the terminal twice. Plain prints still reach the driver through Ray's log
-    # forwarding. (Ray Train passes this variable on to the controller and the workers.)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    if address:
-        from unet_ray import console
-
-        # A joined cluster's processes do not inherit this environment: the console settings
-        # (console.py) go to them through the job's runtime_env.
-        ray.init(runtime_env={"env_vars": console.runtime_env_vars()}, **kwargs)
-        progress(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
-    else:
-        for name, value in ONE_MACHINE_RAY_ENV.items():
-            os.environ.setdefault(name, value)
-        # Two helpers that cost a 2-core machine CPU while training starts and do nothing here
-        # (~1.5 CPU-seconds each, measured): the idle worker processes Ray starts in advance (the
-        # training and data tasks of a run cannot use them: Ray Train runs them under its own
-        # runtime_env), and Ray Train's watcher for preempted cloud nodes (a local Ray has none).
-        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        from unet_ray import console
-
-        console.quiet_driver_notices()
-        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
-        progress(
-            f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs "
-            "(token authentication on)"
-        )
-
-
-def _keep_ray_on_loopback() -> None:
-    """Make an already imported Ray see RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too: it reads the
-    variable into a constant at import. Measured: set after the import, a local Ray's GCS and
-    raylet listened on every interface (0.0.0.0 and ::), not on 127.0.0.1."""
-    import sys
-
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-        constants.ENABLE_RAY_CLUSTER = False
 
 
 @dataclass
@@ -307,8 +235,10 @@ def fit(
             "coarser decoder levels, training only)"
         )
     from unet_ray.console import worker_settings
+    from unet_ray.data import steps_per_epoch
 
-    settings = worker_settings(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size, lines=worker_lines)
+    batches = steps_per_epoch(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size)
+    settings = worker_settings(batches, lines=worker_lines)
     trainer = build_trainer(
         cfg,
         datasets,
@@ -323,9 +253,9 @@ def fit(
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the user's message, not Ray's stack
-        raise TrainingFailed(f"training run {run_name} failed: {_root_cause(e)}") from e
+        raise TrainingFailed(f"training run {run_name} failed: {root_cause(e)}") from e
     if result.error is not None:
-        raise TrainingFailed(f"training run {run_name} failed: {_root_cause(result.error)}")
+        raise TrainingFailed(f"training run {run_name} failed: {root_cause(result.error)}")
     return summarize(result, run_dir)
 
 
@@ -345,18 +275,9 @@ def summarize(result, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _root_cause(error: BaseException) -> str:
-    seen = error
-    while seen.__cause__ is not None and seen.__cause__ is not seen:
-        seen = seen.__cause__
-    text = str(seen).strip() or type(seen).__name__
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray puts the remote traceback in the message; the last line is the exception itself.
-    return lines[-1] if lines else text
-
-
 def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
-    """`unet-ray train`: validate, start or join Ray, train, print and return the summary."""
+    """Validate, start or join Ray, train, and return the summary (best checkpoint and metrics).
+    `unet-ray train` prints the end of the run as well: summary.run_and_report."""
     from unet_ray.checkpoint import check_resumable
     from unet_ray.data import check_source
 
@@ -365,9 +286,6 @@ def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
     run_dir = run_dir_of(cfg)
     if "://" not in storage_uri(cfg.run.storage_path):  # a local run folder can be read before Ray starts
         check_resumable(run_dir, cfg.to_dict())
-    from unet_ray.console import finish_train
-
-    started = time.perf_counter()
     deadline = None
     if cfg.optim.time_budget is not None:  # counted from here: Ray's start-up is part of the run
         deadline = time.time() + 60 * cfg.optim.time_budget
@@ -375,7 +293,13 @@ def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
             f"time budget: {cfg.optim.time_budget:g} min, start-up included; after epoch 1 the run plans "
             f"how many of at most {cfg.optim.epochs} epochs fit"
         )
+    if cfg.run.gpu and not os.environ.get("RAY_ADDRESS"):  # a local Ray: refused before it starts
+        check_gpus(cfg.run.workers, True, {"GPU": local_gpus()})
     ensure_ray(progress)
-    summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress, deadline=deadline)
-    finish_train(summary, run_dir, cfg.data.path, time.perf_counter() - started, progress)
-    return summary
+    import ray
+
+    check_gpus(cfg.run.workers, cfg.run.gpu, ray.cluster_resources())  # a joined cluster's GPUs
+    notice = gpu_notice(cfg.run.gpu, ray.cluster_resources())
+    if notice:
+        progress(notice)
+    return fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress, deadline=deadline)

@@ -21,26 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from unet_ray import jsonfile
-from unet_ray.config import ConfigError, TrainConfig, coerce, load_yaml, merge, storage_uri
+from unet_ray.config import SEARCHABLE, ConfigError, TrainConfig, coerce, load_yaml, merge, storage_uri
 
-# Search keys of the YAML `search:` section and the config field each one sets.
-SEARCHABLE = {
-    "lr": "optim.lr",
-    "weight_decay": "optim.weight_decay",
-    "dice_weight": "optim.dice_weight",
-    "class_weights": "optim.class_weights",
-    "batch_size": "optim.batch_size",
-    "depth": "model.depth",
-    "base_channels": "model.base_channels",
-    "optimizer": "optim.optimizer",
-    "schedule": "optim.schedule",
-    "warmup_epochs": "optim.warmup_epochs",
-    "ema_decay": "optim.ema_decay",
-    "augment": "data.augment",
-    "block": "model.block",
-    "upsample": "model.upsample",
-    "deep_supervision": "model.deep_supervision",
-}
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 RUNS_DIR = "runs"
 BEST_FILE = "best.json"
@@ -225,9 +207,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
     import ray
     from ray import tune
 
-    from unet_ray import console
+    from unet_ray import console, summary
     from unet_ray.data import check_source, resolve_prepared
-    from unet_ray.train import ensure_ray
+    from unet_ray.raysession import check_gpus, ensure_ray
 
     base = sweep.base
     storage = storage_uri(base.run.storage_path)
@@ -239,6 +221,7 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
 
     check_source(base)
     ensure_ray(progress)
+    check_gpus(base.run.workers, base.run.gpu, ray.cluster_resources(), per="trial")
     experiment.mkdir(parents=True, exist_ok=True)
     prepared, _ = resolve_prepared(base, experiment, progress)
     if base.run.cpus_per_worker is None and not base.run.gpu:
@@ -263,17 +246,17 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
                 search_alg=_searcher(sweep, concurrency),
                 # the scheduler and searcher know metric and mode; TuneConfig must not repeat them
             ),
-            # quiet: one line per trial event (console.trial_lines) instead of Tune's status tables
+            # quiet: one line per trial event (summary.trial_lines) instead of Tune's status tables
             run_config=tune.RunConfig(
                 name=base.run.name, storage_path=storage, verbose=1 if console.is_verbose() else 0,
-                callbacks=[console.trial_lines(base.optim.epochs, progress)],
+                callbacks=[summary.trial_lines(base.optim.epochs, progress)],
             ),
         )
     results = tuner.fit()
-    summary = summarize_sweep(results, experiment, progress)
-    for line in console.next_commands(experiment, base.data.path, None):
+    best = summarize_sweep(results, experiment, progress)
+    for line in summary.next_commands(experiment, base.data.path, None):
         progress(line)
-    return summary
+    return best
 
 
 def _scheduler(sweep: SweepConfig, runs_dir: Path):
@@ -312,7 +295,7 @@ def _searcher(sweep: SweepConfig, max_concurrent: int):
 
 def summarize_sweep(results, experiment: Path, progress=print) -> dict[str, Any]:
     """Table of trials by best val_iou; best.json with the best trial's config, IoU and checkpoint."""
-    from unet_ray.console import format_params
+    from unet_ray.summary import format_params
     from unet_ray.train import TrainingFailed, read_history
 
     rows = []

@@ -41,8 +41,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = None
     restored = ray.train.get_checkpoint()
     if restored is not None:
+        # Loaded to the CPU: load_state_dict copies weights and optimizer moments to the device,
+        # while AdamW's step counters stay on the CPU as in a fresh run. Loaded onto a GPU, those
+        # counters would cost two host-device syncs per parameter on every later step.
         with restored.as_directory() as folder:
-            state = ckpt_io.load_state(folder, map_location=device)
+            state = ckpt_io.load_state(folder)
     start_epoch = state["epoch"] if state else 0
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -61,6 +64,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     first_batches = start_in_background(train_batches()) if start_epoch < planned else None
 
     weights = loss_class_weights(state, loop_config.get("class_weights"))
+    weights_on_device = None if weights is None else weights.to(device)  # once, not in every loss call
+    if device.type == "cuda":  # one input shape per run: cuDNN picks its fastest convolutions once
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.run.seed)
     deep_supervision = cfg.model.deep_supervision
     net = build_model(cfg.model, cfg.num_classes, aux_heads=deep_supervision > 0)
@@ -69,8 +75,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # AVX2-only CPU (no native bf16) it trained 15-20 % more images/s too (2 workers, 128 px)
     net = net.to(memory_format=torch.channels_last)
     # `net` itself holds the weights for checkpoints and evaluates eagerly; the compiled module
-    # (sharing them) trains. DDP wraps the compiled module when there are several workers.
-    model = ray.train.torch.prepare_model(gpu_path.compile_model(net, cfg.run.compile))
+    # (sharing them) trains. DDP is wrapped first and compiled with the model, as PyTorch
+    # recommends: the compiler then splits the graph at DDP's gradient buckets, so that their
+    # all-reduce overlaps the backward pass (DDP around a compiled module waits for all of it).
+    model = gpu_path.compile_model(ray.train.torch.prepare_model(net), cfg.run.compile)
     plain = net
     optimizer = recipe.build_optimizer(model.parameters(), cfg.optim)
     schedule = recipe.StepSchedule(optimizer, cfg.optim, loop_config["steps_per_epoch"], epochs=planned)
@@ -96,7 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer,
             device,
             dice_weight=cfg.optim.dice_weight,
-            class_weights=weights,
+            class_weights=weights_on_device,
             mixed_precision=bf16,
             channels_last=True,
             scheduler=schedule,
@@ -117,9 +125,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ),
             cfg.num_classes,
             device,
-            # fp32 on CPUs: validation is a small share of an epoch there, and its IoU then equals
-            # what `unet-ray evaluate` (fp32, one process) computes from the checkpoint
-            mixed_precision=bf16 and device.type == "cuda",
+            # fp32 everywhere (TF32 off on GPUs: engine.exact_fp32): its IoU then equals what
+            # `unet-ray evaluate` (fp32, one process) computes from the checkpoint; validation is a
+            # small share of an epoch
+            mixed_precision=False,
             channels_last=True,
             native=loop_config.get("native_masks", False),
         )
@@ -135,6 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "val_iou_per_class_native": jsonfile.json_ready(native_scores["iou_per_class"]),
             }
         images, seconds, loss = _all_reduce_train_stats(stats, device)
+        steady_images, steady_seconds, _ = _all_reduce_train_stats(steady_share(stats), device)
         report = {
             "epoch": epoch,
             **metrics.headline(scores, cfg.num_classes),
@@ -146,6 +156,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss,
             "lr": schedule.get_last_lr(),  # after the epoch's last step
             "images_per_s": images / seconds if seconds > 0 else 0.0,
+            # after each worker's first step: without the wait for the epoch's data pipeline to start
+            "images_per_s_steady": steady_images / steady_seconds if steady_seconds > 0 else 0.0,
             "epoch_seconds": time.perf_counter() - epoch_start,
             "epoch_started_at": epoch_started_at,  # unix time; with first_step_s, when training began
             "first_step_s": stats["first_step_seconds"],  # waiting for the first batch + one step
@@ -320,6 +332,16 @@ def start_in_background(batches: Iterable[Any]) -> Iterator[Any]:
             yield from source
 
     return replay()
+
+
+def steady_share(stats: dict[str, float]) -> dict[str, float]:
+    """train_one_epoch's stats without the first step (which also waited for the data pipeline to
+    start): the images and seconds of the steady state, for images_per_s_steady."""
+    return {
+        "train_images": stats["train_images"] - stats["first_step_images"],
+        "train_seconds": max(stats["train_seconds"] - stats["first_step_seconds"], 0.0),
+        "train_loss": 0.0,
+    }
 
 
 def _dist_backend() -> str:

@@ -54,7 +54,7 @@ def best_predictions(best: dict[str, Any] | None, prepared: str | None, count: i
 
 def _predict(state_file: Path, prepared: Path, count: int) -> dict[str, Any]:
     from unet_ray.checkpoint import CheckpointError
-    from unet_ray.prepare import DataError
+    from unet_ray.prepared_format import DataError
 
     try:
         rows, label_set, size, epoch = predict_samples(state_file, prepared, count)

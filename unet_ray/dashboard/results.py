@@ -337,8 +337,8 @@ def _run_config(trial: Trial) -> dict[str, Any] | None:
 
 
 def _param_order(keys) -> list[str]:
-    """Searched keys in the order `unet_ray.tune.SEARCHABLE` lists them, any others after, sorted."""
-    from unet_ray.tune import SEARCHABLE
+    """Searched keys in the order `unet_ray.config.SEARCHABLE` lists them, any others after, sorted."""
+    from unet_ray.config import SEARCHABLE
 
     distinct = set(keys)
     return [k for k in SEARCHABLE if k in distinct] + sorted(distinct - set(SEARCHABLE))
