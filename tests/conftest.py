@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic pairs folders in the users' format (no Ray anywhere)."""
+"""Shared fixtures: small synthetic pairs folders in the users' format (no Ray anywhere), and a
+guard that fails a test which starts Ray."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from PIL import Image
 from unet_ray import pairs
 
 _EXIT_STATUS = pytest.StashKey[int]()
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config):
+    # No test's Ray may report usage stats; set at configure time so every subprocess inherits it.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -30,6 +37,58 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(config.stash[_EXIT_STATUS])
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Remember whether the test itself failed (for ray_must_not_start's teardown check)."""
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+class RayStartRecorder:
+    """What `ray_must_not_start` saw: one entry per attempt to start or join Ray."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def refuse(self, what: str):
+        def refused(*args, **kwargs):
+            self.calls.append(f"{what}(args={args!r}, kwargs={kwargs!r})")
+            raise AssertionError(f"Ray must not start in this test, but {what} was called")
+
+        return refused
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch, request):
+    """Fail the test if anything starts (or joins) Ray, whatever earlier tests did to this process.
+
+    Patches `ray.init` itself, which every start goes through, and the package's `ensure_ray`
+    wherever a module defines it: ensure_ray returns without calling ray.init when an earlier test
+    left a Ray running in this process, so patching ray.init alone would then see nothing. The
+    patched functions record the call and raise AssertionError; the fixture also checks the
+    record at teardown, in case the code under test swallowed the error and the test passed."""
+    import importlib
+
+    import ray
+
+    recorder = RayStartRecorder()
+    monkeypatch.setattr(ray, "init", recorder.refuse("ray.init"))
+    for name in ("unet_ray.train", "unet_ray.raysession"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a module that is there but fails to import is an error
+                raise
+            continue  # unet_ray.raysession: not (yet) in this tree
+        if hasattr(module, "ensure_ray"):
+            monkeypatch.setattr(module, "ensure_ray", recorder.refuse(f"{name}.ensure_ray"))
+    yield recorder
+    if not request.node.stash.get(_CALL_FAILED, False):  # a failed test has reported it already
+        assert not recorder.calls, f"Ray must not start in this test, but: {recorder.calls}"
 
 
 @pytest.fixture

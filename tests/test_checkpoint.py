@@ -267,15 +267,14 @@ def test_a_damaged_latest_checkpoint_is_left_to_the_resume_to_report(tmp_path):
     other = _small_config()
     other.model.depth = 3
     checkpoint.check_resumable(tmp_path, other.to_dict())  # no error here: the worker's names the file
+    with pytest.raises(CheckpointError) as info:  # which is what the resume then reads
+        load_state(checkpoint.latest_checkpoint(tmp_path))
+    assert str(state) in str(info.value)
 
 
-def test_unet_ray_train_refuses_such_a_resume_before_ray_starts(tmp_path, monkeypatch):
+def test_unet_ray_train_refuses_such_a_resume_before_ray_starts(tmp_path, ray_must_not_start):
     from unet_ray import train
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(train, "ensure_ray", no_ray)
     with_heads = _small_config()
     with_heads.model.deep_supervision = 0.4
     with_heads.run.storage_path = str(tmp_path)
@@ -285,3 +284,4 @@ def test_unet_ray_train_refuses_such_a_resume_before_ray_starts(tmp_path, monkey
     without.model.deep_supervision = 0.0
     with pytest.raises(CheckpointError, match="model.deep_supervision"):
         train.run_training(without, progress=lambda *_: None)
+    assert ray_must_not_start.calls == []

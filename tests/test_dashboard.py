@@ -227,10 +227,41 @@ def test_figures_show_the_trials_params_and_best(experiment):
         assert data[-1]["line"]["width"] > max(tr["line"]["width"] for tr in data[:-1])
 
 
-def test_cli_dashboard_binds_loopback_by_default():
-    from unet_ray.cli import build_parser
+def test_cli_dashboard_binds_loopback_by_default(experiment):
+    """`unet-ray dashboard` without --host listens on 127.0.0.1 only: the real command, whose
+    listening socket is read from /proc (not what the server says of itself), and which serves."""
+    import signal
 
-    assert build_parser().parse_args(["dashboard", "--results", "x"]).host == "127.0.0.1"
+    from helpers import listening_addresses
+
+    command = [sys.executable, "-m", "unet_ray.cli", "dashboard", "--results", str(experiment), "--port", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        listening = {}
+        while not listening and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            listening = listening_addresses([proc.pid])
+        assert proc.poll() is None, proc.communicate(timeout=30)
+        assert len(listening) == 1, listening  # one socket, and it was found within the deadline
+        (address,) = listening
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0, address
+        conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
+        try:
+            conn.request("GET", "/api/state")
+            response = conn.getresponse()
+            assert response.status == 200 and len(json.loads(response.read())["trials"]) == 5
+        finally:
+            conn.close()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the command's own way to stop
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"at http://127.0.0.1:{port}/" in out and "note: listening on" not in out, out
+    finally:
+        if proc.poll() is None:
+            kill_session(proc.pid)
+            proc.communicate(timeout=30)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "file", "parent"])

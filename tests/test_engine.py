@@ -46,16 +46,78 @@ def test_training_lowers_the_loss():
     assert cm.compute()["iou_per_class"][1] > 0.8
 
 
+def _many_class_batch(n=2, size=16, classes=5, seed=0):
+    """Blocks of `classes` classes, each with its own colour; a few pixels ignored (255)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, classes, (n, 1, size // 4, size // 4), generator=g).float()
+    mask = torch.nn.functional.interpolate(coarse, scale_factor=4, mode="nearest")[:, 0].to(torch.uint8)
+    colours = torch.randint(0, 256, (classes, 3), generator=g)
+    noise = torch.randint(-10, 11, (n, size, size, 3), generator=g)
+    image = (colours[mask.long()] + noise).clamp(0, 255).to(torch.uint8)
+    mask[:, 0, :3] = 255
+    return {"image": image, "mask": mask}
+
+
+def _loss_by_hand(logits, mask, dice_weight):
+    """Cross-entropy over the labelled pixels plus dice_weight x (1 - mean over classes of soft
+    Dice (2 sum(p y) + 1) / (sum(p) + sum(y) + 1), labelled pixels only), class by class."""
+    target, valid = mask.long(), mask != 255
+    log_p = logits.float().log_softmax(1)
+    picked = log_p.gather(1, target.masked_fill(~valid, 0)[:, None])[:, 0]
+    cross_entropy = -picked[valid].mean()
+    p = log_p.exp()
+    dice = [
+        (2 * p[:, c][valid & (target == c)].sum() + 1) / (p[:, c][valid].sum() + (valid & (target == c)).sum() + 1)
+        for c in range(logits.shape[1])
+    ]
+    return cross_entropy + dice_weight * (1 - torch.stack(dice).mean())
+
+
 def test_training_with_dice_and_many_classes_runs():
+    """Training on 5 classes with the soft-Dice term: the loss reported is cross-entropy plus the
+    weighted Dice term as computed by hand, every parameter gets a gradient, and a few steps on one
+    fixed batch lower the loss, Dice term included."""
+    import copy
+
+    device = torch.device("cpu")
     torch.manual_seed(0)
-    model = UNet(num_classes=3, depth=1, base_channels=4)
+    model = UNet(num_classes=5, depth=1, base_channels=4)
+    batch = _many_class_batch()
+    x = engine.to_model_input(batch["image"], device)
+
+    # one step: the loss it reports is the one of the model before the step (train mode)
+    before = copy.deepcopy(model)
+    with torch.no_grad():
+        logits = before.train()(x)
+    assert logits.shape == (2, 5, 16, 16)
+    with_dice = _loss_by_hand(logits, batch["mask"], 0.5)
+    without_dice = _loss_by_hand(logits, batch["mask"], 0.0)
+    assert with_dice - without_dice > 0.1  # the Dice term is there and weighs
+    for weight, expected in ((0.5, with_dice), (0.0, without_dice)):
+        trained = copy.deepcopy(before)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=1e-2)
+        out = engine.train_one_epoch(trained, [batch], optimizer, device, dice_weight=weight)
+        assert out["train_loss"] == pytest.approx(float(expected), rel=1e-5), weight
+    # two steps with Dice on the model itself: its last step's gradients reached every parameter
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    batch = _batch(n=2, size=16)
-    out = engine.train_one_epoch(model, [batch, batch], optimizer, torch.device("cpu"), dice_weight=0.5)
+    out = engine.train_one_epoch(model, [batch, batch], optimizer, device, dice_weight=0.5)
     assert out["train_images"] == 4
     assert torch.isfinite(torch.tensor(out["train_loss"])) and out["train_loss"] > 0
     assert (out["logits_dtype"], out["channels_last"]) == ("float32", False)  # how the step ran on CPU
-    out = engine.train_one_epoch(model, [batch], optimizer, torch.device("cpu"), channels_last=True)
+    no_gradient = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_gradient == []
+
+    # a few steps on the same batch: the loss, and its Dice term, go down
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine.train_one_epoch(model, [batch] * 40, optimizer, device, dice_weight=0.5)
+    with torch.no_grad():
+        logits_after = model.train()(x)
+    after_dice = _loss_by_hand(logits_after, batch["mask"], 0.5) - _loss_by_hand(logits_after, batch["mask"], 0.0)
+    last = engine.train_one_epoch(model, [batch], optimizer, device, dice_weight=0.5)
+    assert last["train_loss"] < 0.5 * float(with_dice), (float(with_dice), last["train_loss"])
+    assert after_dice < 0.75 * (with_dice - without_dice), (float(with_dice - without_dice), float(after_dice))
+
+    out = engine.train_one_epoch(model, [batch], optimizer, device, channels_last=True)
     assert (out["logits_dtype"], out["channels_last"]) == ("float32", True)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unet_ray.config import MAX_DEPTH, MIN_BOTTLENECK
-from unet_ray.model import UNet, build_model, out_channels, predict_classes
+from unet_ray.model import DoubleConv, ResidualDoubleConv, UNet, build_model, out_channels, predict_classes
 
 
 @pytest.mark.parametrize("depth", range(1, MAX_DEPTH + 1))
@@ -36,7 +36,7 @@ def test_input_not_multiple_of_2_pow_depth(shape):
 
 
 def test_depth_below_one_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
         UNet(depth=0)
 
 
@@ -56,6 +56,14 @@ def test_build_model_from_section():
     assert model.head.out_channels == 19
     assert model.stem[0].out_channels == 8
     assert out_channels(2) == 1 and out_channels(19) == 19
+    # every setting of the section reaches the model, not only the sizes
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(type(up.up) is torch.nn.ConvTranspose2d and type(up.conv) is DoubleConv for up in model.ups)
+    other = build_model(SimpleNamespace(depth=3, base_channels=4, batch_norm=True, block="residual", upsample="bilinear"), 2)
+    assert other.depth == 3 and other.head.out_channels == 1 and len(other.ups) == 3
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in other.modules())
+    assert type(other.stem) is ResidualDoubleConv and all(type(d[1]) is ResidualDoubleConv for d in other.downs)
+    assert all(isinstance(up.up[0], torch.nn.Upsample) and up.up[0].mode == "bilinear" for up in other.ups)
 
 
 def test_predict_classes_single_logit_thresholds_at_zero():

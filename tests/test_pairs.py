@@ -37,9 +37,9 @@ def test_write_synthetic_is_deterministic(tmp_path):
 
 
 def test_write_synthetic_needs_one_pair_per_split(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1 train and 1 val pair, got 0 and 1"):
         pairs.write_synthetic(tmp_path, 0, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1 train and 1 val pair, got 1 and 0"):
         pairs.write_synthetic(tmp_path, 1, 0)
 
 

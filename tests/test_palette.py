@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -73,9 +74,9 @@ def test_far_from_palette_fraction():
 
 
 def test_decode_color_mask_rejects_wrong_shape_or_dtype():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("expected an (H, W, 3) uint8 colour mask, got (4, 4) uint8")):
         palette.decode_color_mask(np.zeros((4, 4), dtype=np.uint8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("expected an (H, W, 3) uint8 colour mask, got (4, 4, 3) float32")):
         palette.decode_color_mask(np.zeros((4, 4, 3), dtype=np.float32))
 
 
@@ -95,7 +96,7 @@ def test_colorize():
     assert road[0, 1].tolist() == [0, 0, 0]
     full = palette.colorize(np.array([[0, 10, 255]], dtype=np.uint8), "cityscapes19")
     assert full[0].tolist() == [[128, 64, 128], [70, 130, 180], [0, 0, 0]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown label set 'nope'"):
         palette.colorize(np.zeros((1, 1), dtype=np.uint8), "nope")
 
 

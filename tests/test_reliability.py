@@ -44,7 +44,7 @@ def bad_pairs(tmp_path):
     return root
 
 
-def test_missing_or_empty_split_is_refused_before_ray(tmp_path, capsys):
+def test_missing_or_empty_split_is_refused_before_ray(tmp_path, capsys, ray_must_not_start):
     root = pairs.write_synthetic(tmp_path / "pairs", 2, 1)
     for f in (root / "val").iterdir():
         f.unlink()
@@ -54,8 +54,7 @@ def test_missing_or_empty_split_is_refused_before_ray(tmp_path, capsys):
     assert main(["train", "--data", str(root), "--storage-path", str(tmp_path / "r")]) == 2
     assert "val does not exist" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-    if "ray" in sys.modules:
-        assert not sys.modules["ray"].is_initialized()
+    assert ray_must_not_start.calls == []
 
 
 def test_foreign_parquet_is_refused(tmp_path, capsys):
@@ -77,7 +76,7 @@ class TestBadInputThroughRay:
     def ray_session(self):
         import ray
 
-        from unet_ray.train import ensure_ray
+        from unet_ray.raysession import ensure_ray
 
         ensure_ray()
         yield

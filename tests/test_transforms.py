@@ -74,10 +74,18 @@ def test_augment_differs_between_calls():
 
 
 def test_augment_keeps_ignore_index():
-    batch = _rect_batch(n=4)
+    """Ignored pixels (the top 8 rows here) stay 255 and stay where they were: a band of whole
+    rows at the top of each augmented mask (flips keep rows, crops cut the band or scale it)."""
+    batch = _rect_batch(n=8)
     batch["mask"][:, :8] = 255
     out = JointAugment(64)(batch)
     assert set(np.unique(out["mask"]).tolist()) <= {0, 1, 255}
+    # a crop that starts below row 8 drops the band: ~14 % of rows, so all 8 at once ~1e-7
+    assert (out["mask"] == 255).any()
+    for i, mask in enumerate(out["mask"]):
+        ignored = mask == 255
+        band = int(ignored.all(axis=1).sum())  # whole rows ignored
+        assert ignored[:band].all() and not ignored[band:].any(), (i, band)
 
 
 def test_resize_pair_keeps_ids():
@@ -87,6 +95,9 @@ def test_resize_pair_keeps_ids():
     p, m = resize_pair(photo, ids, 64)
     assert p.shape == (64, 64, 3) and p.dtype == np.uint8
     assert m.shape == (64, 64) and m.dtype == np.uint8
-    assert set(np.unique(m).tolist()) <= {0, 10, 13, 255}
+    assert set(np.unique(m).tolist()) == {0, 10, 13, 255}
+    # each output pixel is the id of a photo pixel in its 4x4 block (nearest neighbour, no blend)
+    blocks = ids.reshape(64, 4, 64, 4).transpose(0, 2, 1, 3).reshape(64, 64, 16)
+    assert (blocks == m[..., None]).any(axis=-1).all()
     same_p, same_m = resize_pair(photo, ids, 256)
     assert same_p is photo and same_m is ids

@@ -61,26 +61,24 @@ def test_bad_sweep_yaml_is_refused_before_any_trial(tmp_path, change, message):
         load_sweep(write_yaml(tmp_path, **change))
 
 
-def test_cli_refuses_bad_yaml_before_ray_starts(tmp_path, capsys):
+def test_cli_refuses_bad_yaml_before_ray_starts(tmp_path, capsys, ray_must_not_start):
     from unet_ray.cli import main
 
     bad = write_yaml(tmp_path, **{"search.depth": {"choice": []}})
     assert main(["tune", "--config", str(bad), "--storage-path", str(tmp_path / "results")]) == 2
     assert "search.depth" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()  # no experiment was started
-    if "ray" in sys.modules:
-        assert not sys.modules["ray"].is_initialized()
+    assert ray_must_not_start.calls == []
 
 
-def test_object_store_uri_is_refused_for_a_sweep_before_ray_starts(tmp_path, capsys, monkeypatch):
+def test_object_store_uri_is_refused_for_a_sweep_before_ray_starts(tmp_path, capsys, monkeypatch, ray_must_not_start):
     from unet_ray.cli import main
 
     monkeypatch.chdir(tmp_path)  # a URI taken for a relative path would show up here as ./s3:
     assert main(["tune", "--config", str(SMOKE), "--storage-path", "s3://bucket/results"]) == 2
     assert "a sweep needs a file system path shared by all nodes" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
-    if "ray" in sys.modules:
-        assert not sys.modules["ray"].is_initialized()
+    assert ray_must_not_start.calls == []
 
 
 def _trial_rows(experiment: Path) -> dict[str, list[dict]]:
@@ -143,10 +141,50 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
     return most
 
 
-def test_searcher_limits_concurrency():
-    from unet_ray.tune import _searcher
+def _trials_handed_out(searcher, sweep, storage: Path) -> int:
+    """How many trials `searcher` starts before it holds the next one back (none completing)."""
+    from ray.tune.experiment import Experiment
 
-    assert _searcher(load_sweep(SMOKE), 3).max_concurrent == 3
+    from unet_ray.tune import param_space
+
+    def trainable(config):  # never run: the searcher only creates the trials
+        pass
+
+    searcher.add_configurations(
+        [Experiment("limit", trainable, config=param_space(sweep.search), num_samples=sweep.tune.num_samples,
+                    storage_path=str(storage))]
+    )
+    started = 0
+    while started <= sweep.tune.num_samples and searcher.next_trial() is not None:
+        started += 1
+    return started
+
+
+@pytest.mark.parametrize(
+    "cluster, gpu, max_trials, expected",
+    [
+        # smoke.yaml: 1 worker x 0.5 CPU + 0.5 CPU kept for Ray Data (train.DATA_RESERVE_CPUS) = 1 CPU a trial
+        ({"CPU": 2.0}, False, None, 2),
+        ({"CPU": 3.5}, False, None, 3),
+        ({"CPU": 1.0}, False, None, 1),
+        ({"CPU": 0.5}, False, None, 1),  # too small for one trial: still one, never zero
+        ({"CPU": 16.0, "GPU": 2.0}, True, None, 2),  # a GPU sweep: one trial per GPU (1 worker each)
+        ({"CPU": 16.0}, False, 1, 1),  # tune.max_concurrent_trials wins over what would fit
+    ],
+)
+def test_searcher_limits_concurrency(tmp_path, cluster, gpu, max_trials, expected, ray_must_not_start):
+    """The searcher of a sweep holds back the trials the cluster cannot run side by side: the
+    limit is worked out from the cluster's resources and the trials' needs (plan_concurrency), as
+    run_sweep does, and the searcher then hands out only that many of the 4 trials."""
+    from unet_ray.tune import _searcher, plan_concurrency
+
+    sweep = load_sweep(SMOKE)
+    assert (sweep.tune.num_samples, sweep.base.run.workers, sweep.base.run.cpus_per_worker) == (4, 1, 0.5)
+    sweep.base.run.gpu = gpu
+    sweep.tune.max_concurrent_trials = max_trials
+    searcher = _searcher(sweep, plan_concurrency(sweep, cluster))
+    assert searcher.max_concurrent == expected
+    assert _trials_handed_out(searcher, sweep, tmp_path) == expected
 
 
 def _write_history(runs: Path, trial_id: str, values: list[float]) -> None:
