@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ray
+@pytest.mark.benchmark
 @pytest.mark.timeout(300)
 def test_quick_benchmark_writes_measured_reports(tmp_path):
     out = tmp_path / "results"
@@ -59,6 +60,7 @@ def test_quality_split_keeps_the_last_files_by_number_for_validation(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.benchmark
 @pytest.mark.timeout(420)
 def test_quality_benchmark_gives_every_recipe_the_same_time_budget(tmp_path):
     """--time-budget: each `unet-ray train` run plans the epochs that fit its minutes, so the old

@@ -171,14 +171,20 @@ def test_a_job_gets_the_one_machine_settings(one_node):
 def test_tune_job_succeeds_and_writes_under_storage_path(one_node, tmp_path):
     from ray.job_submission import JobStatus
 
-    entrypoint = ["unet-ray", "tune", "--config", "tune_configs/smoke.yaml", "--num-samples", "2",
-                  "--storage-path", str(tmp_path), "--name", "sweep"]  # fmt: skip
+    # smoke.yaml cut to 2 epochs: what is checked here is the sweep as a job (tests/test_tune.py
+    # runs the whole smoke sweep, and what ASHA does with it)
+    smoke = yaml.safe_load((REPO / "tune_configs" / "smoke.yaml").read_text())
+    smoke["optim"]["epochs"], smoke["tune"]["grace_period"] = 2, 1
+    config = tmp_path / "smoke2.yaml"
+    config.write_text(yaml.safe_dump(smoke))
+    entrypoint = ["unet-ray", "tune", "--config", str(config), "--num-samples", "2",
+                  "--storage-path", str(tmp_path / "results"), "--name", "sweep"]  # fmt: skip
     result = submit(one_node, entrypoint, "sweep1")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert jobs_client(one_node).get_job_status("sweep1") == JobStatus.SUCCEEDED
-    best = json.loads((tmp_path / "sweep" / "best.json").read_text())
+    best = json.loads((tmp_path / "results" / "sweep" / "best.json").read_text())
     assert len(best["trials"]) == 2 and best["val_iou"] == max(t["best_val_iou"] or -1 for t in best["trials"])
-    assert Path(best["checkpoint"]).is_relative_to(tmp_path) and resolve(tmp_path / "sweep").is_file()
+    assert Path(best["checkpoint"]).is_relative_to(tmp_path / "results") and resolve(tmp_path / "results" / "sweep").is_file()
 
 
 @pytest.mark.ray

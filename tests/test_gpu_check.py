@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ray
+@pytest.mark.benchmark
 @pytest.mark.timeout(600)
 def test_dry_run_runs_every_job_and_writes_the_reports(tmp_path):
     out = tmp_path / "out"
