@@ -20,6 +20,13 @@ _CALL_FAILED = pytest.StashKey[bool]()
 def pytest_configure(config):
     # No test's Ray may report usage stats; set at configure time so every subprocess inherits it.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The tests' own torch work (tiny models, in this process) on one thread: with two OpenMP
+    # threads on a 2-core machine that Ray processes also use, they wait on each other (measured:
+    # test_engine's 32 steps took 51 s with 2 threads, 5 s with 1, on a loaded machine). Ray's
+    # workers and the commands the tests start set their own threads.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_sessionfinish(session, exitstatus):

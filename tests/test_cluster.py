@@ -219,6 +219,7 @@ def test_submit_without_the_token_is_refused(one_node):
 
 
 @pytest.mark.ray
+@pytest.mark.multinode
 def test_two_node_run_puts_one_worker_per_node_and_matches_one_node(job1, tmp_path, monkeypatch):
     storage1, result1 = job1
     assert result1.returncode == 0, "the one-node run failed; see the test above"

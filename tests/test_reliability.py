@@ -1,5 +1,6 @@
 """Reliability: bad input gives clear messages (or is skipped and counted), a killed driver's run
-resumes from its last checkpoint."""
+resumes from its last checkpoint, a full disk stops a run (or prepare) with its path and leaves
+what was written intact, and two runs on one machine keep to their own Ray."""
 
 from __future__ import annotations
 
@@ -192,3 +193,163 @@ def test_killed_driver_resumes_at_next_epoch(tmp_path):
     assert epochs() == [1, 2, 3, 4, 5, 6]
     rows = [json.loads(x) for x in history.read_text().splitlines()]
     assert [r["restored_from_epoch"] for r in rows] == [0] * len(done_before) + [done_before[-1]] + [0] * (5 - len(done_before))
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: a small tmpfs mounted for the test (root only; skipped where mount is refused)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(kilobytes) -> a folder on a tmpfs of that size, unmounted at the end."""
+    mounted = []
+
+    def mount(kilobytes: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(folder)],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into folder/filler until the disk is full."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_prepare_on_a_full_disk_leaves_nothing_a_later_run_would_use(tmp_path, small_disk):
+    """A prepare that runs out of space names its output and leaves no half-written folder; a
+    prepared folder already there stays as it was (a later run reads it or refuses it whole)."""
+    from unet_ray.prepare import prepare
+    from unet_ray.prepared_format import DataError, read_meta
+
+    disk = small_disk(400)
+    out = disk / "prepared"
+    prepare(pairs.write_synthetic(tmp_path / "small", 4, 2, seed=0), out, 32, "road", progress=lambda *_: None)
+    before = {f.relative_to(out): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    larger = pairs.write_synthetic(tmp_path / "large", 16, 8, seed=1)  # 64 px: about 1 MB, more than is free
+    with pytest.raises(DataError, match=f"cannot write the prepared data to {out}: No space left on device"):
+        prepare(larger, out, 64, "road", progress=lambda *_: None)
+    assert sorted(p.name for p in disk.iterdir()) == ["prepared"]  # no half-written temporary folder
+    assert {f.relative_to(out): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+    assert read_meta(out)["image_size"] == 32
+
+
+TINY_TRAIN = ["--image-size", "64", "--depth", "3", "--base-channels", "8", "--batch-size", "8", "--workers", "1"]
+
+
+def tiny_config(tmp_path: Path, train: int = 32, val: int = 16) -> list[str]:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"data:\n  synth_train: {train}\n  synth_val: {val}\n")
+    return ["--config", str(config)]
+
+
+@pytest.mark.ray
+def test_a_full_disk_stops_the_checkpoint_with_its_path(tmp_path, small_disk):
+    """The storage fills up after epoch 1's checkpoint: the run stops with one line naming the run's
+    storage; the checkpoints written before are intact, and once there is room the same command
+    resumes from the last of them and finishes, every epoch trained once."""
+    from unet_ray import checkpoint as ckpt_io
+
+    disk = small_disk(64 * 1024)
+    store = disk / "results"
+    cmd = [sys.executable, "-m", "unet_ray.cli", "train", "--storage-path", str(store), "--name", "full",
+           "--epochs", "4", *TINY_TRAIN, *tiny_config(tmp_path)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    history = store / "full" / "history.jsonl"
+
+    def rows():
+        return [json.loads(x) for x in history.read_text().splitlines()] if history.is_file() else []
+
+    with open(tmp_path / "first.log", "w") as log:
+        # no restarts: each would fail at the same copy (the default, 3, retries a disk that may
+        # be freed meanwhile); what is tested is the message and what is left
+        proc = subprocess.Popen([*cmd, "--max-failures", "0"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not rows() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            filler = fill(disk)
+            proc.wait(timeout=300)
+        finally:
+            kill_session(proc.pid)
+    output = (tmp_path / "first.log").read_text()
+    written = rows()
+    assert proc.returncode == 1 and 1 <= len(written) < 4, output[-3000:]
+    failed_epoch = written[-1]["epoch"] + 1
+    assert (
+        f"unet-ray train: error: training run full failed: unet_ray.worker.CheckpointNotWritten: [Errno 28] the checkpoint of epoch "
+        f"{failed_epoch} cannot be written to {store}/full: no space left on device. The run's earlier checkpoints "
+        "there are intact: free space and run the same command again to resume"
+    ) in output.splitlines(), output[-3000:]
+    for row in written:  # every checkpoint committed before the disk filled still loads
+        assert ckpt_io.load_state(row["checkpoint"])["epoch"] == row["epoch"]
+
+    filler.unlink()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resumed from epoch {written[-1]['epoch']} checkpoint" in rerun.stdout + rerun.stderr
+    assert [row["epoch"] for row in rows()] == [1, 2, 3, 4]
+
+
+@pytest.mark.ray
+def test_two_trainings_at_once_leave_no_traceback(tmp_path):
+    """Two `unet-ray train` commands at once, each with its own local Ray: both finish, and no Ray
+    helper of either looks for "the" local Ray and finds two (Ray Train's placement-group cleaner
+    printed a 29-line traceback then, and could not clean up after a killed driver)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PYTHONUNBUFFERED"] = "1"
+    procs = []
+    for name in ("first", "second"):
+        cmd = [sys.executable, "-m", "unet_ray.cli", "train", "--storage-path", str(tmp_path / "results"), "--name", name,
+               "--epochs", "2", *TINY_TRAIN, *tiny_config(tmp_path, 16, 8)]  # fmt: skip
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log))
+        time.sleep(5)  # the second Ray starts while the first one runs
+    try:
+        for name, proc, log in procs:
+            proc.wait(timeout=400)
+            log.close()
+    finally:
+        for _, proc, _ in procs:
+            kill_session(proc.pid)
+    for name, proc, _ in procs:
+        output = (tmp_path / f"{name}.log").read_text()
+        assert proc.returncode == 0, output[-3000:]
+        assert "ray: started a local Ray on 127.0.0.1" in output and "done in " in output, output[-3000:]
+        for sign in ("Traceback", "Found multiple active Ray instances", "AuthenticationError"):
+            assert sign not in output, output[-4000:]
+
+
+def test_a_full_disk_under_the_driver_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """The driver's own files (best.json, history.jsonl, the report) on a full disk: one line."""
+    import errno
+
+    from unet_ray import summary
+
+    def full(cfg, progress=print):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "unet" / "best.json"))
+
+    monkeypatch.setattr(summary, "run_and_report", full)
+    assert main(["train", "--storage-path", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"unet-ray train: error: no space left on device writing {tmp_path / 'r' / 'unet' / 'best.json'}; "
+        "free space and run the same command again to resume"
+    ]

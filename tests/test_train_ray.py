@@ -209,7 +209,7 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
     )
     assert f"best checkpoint {summary['checkpoint']}" in next(line for line in printed if line.startswith("run folder: "))
     assert f"report: {run_dir / 'report.html'}  " in "\n".join(printed)  # the run's page, 19 classes
-    assert printed[-1] == f"  unet-ray dashboard --results {run_dir}"
+    assert printed[-2:] == [f"  unet-ray dashboard --results {run_dir}", f"  tensorboard --logdir {run_dir}"]
 
 
 def test_prepared_data_for_another_label_set_is_refused(trained):

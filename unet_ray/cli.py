@@ -14,7 +14,10 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--data": ("data.path", str, "pairs folder (train/, val/) or prepared folder; default: built-in synthetic pairs"),
     "--image-size": ("data.image_size", int, "square size the pairs are resized to (default 128)"),
     "--classes": ("data.classes", str, "label set: road (binary) or cityscapes19"),
-    "--workers": ("run.workers", int, "training workers (default 2)"),
+    "--workers": ("run.workers", str, "training workers: N (default 2), or MIN-MAX for an elastic group that grows "
+                  "and shrinks with the cluster"),
+    "--resize-interval-s": ("run.resize_interval_s", float, "with --workers MIN-MAX: seconds between checks for room "
+                            "to grow the worker group (default 60)"),
     "--cpus-per-worker": ("run.cpus_per_worker", float, "CPUs per worker (default: worked out from the cluster)"),
     "--epochs": ("optim.epochs", int, "epochs (with --time-budget: the most it may train)"),
     "--time-budget": ("optim.time_budget", float, "minutes for the whole run: after epoch 1 it plans the epochs that fit"),
@@ -49,13 +52,25 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model in each worker")
     p.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=None, help="turn augmentation off (--augment none)")
     p.add_argument("--skip-bad-files", action="store_true", default=None, help="leave unusable pair files out (listed in skipped.txt)")
+    _add_tracking_flag(p)
+
+
+def _add_tracking_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking", action="append", default=None, metavar="TOOL",
+                   help="also send the run to mlflow, tensorboard and/or wandb (repeat it or give a,b); where to is set "
+                        "the tools' own way: MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE, ...")  # fmt: skip
+
+
+def _tracking_tools(given: list[str] | None) -> list[str] | None:
+    """--tracking a --tracking b,c -> [a, b, c]; None when the flag was not given."""
+    return None if given is None else [tool for value in given for tool in value.replace(",", " ").split()]
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The flags the user actually gave, as {dotted key: value}."""
     values = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in TRAIN_FLAGS.items()}
     values.update({"run.gpu": args.gpu, "run.compile": args.compile, "data.augment": args.augment,
-                   "data.skip_bad_files": args.skip_bad_files})
+                   "data.skip_bad_files": args.skip_bad_files, "run.tracking": _tracking_tools(args.tracking)})
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -116,7 +131,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from unet_ray.tune import load_sweep, run_sweep
 
     given = {"data.path": args.data, "run.storage_path": args.storage_path, "run.name": args.name,
-             "tune.num_samples": args.num_samples}
+             "tune.num_samples": args.num_samples, "run.tracking": _tracking_tools(args.tracking)}
     overrides = {k: v for k, v in given.items() if v is not None}
     sweep = load_sweep(args.config, overrides)  # every check runs here, before Ray starts
     run_sweep(sweep, resume=args.resume)
@@ -223,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment name (default: the YAML's run.name or file name)")
     p.add_argument("--num-samples", type=int, help="number of trials")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    _add_tracking_flag(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a pairs or prepared folder, as JSON")
@@ -338,6 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unet-ray {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        import errno
+
+        if e.errno != errno.ENOSPC:
+            raise
+        # the driver's own files (history.jsonl, best.json, the report) on a full disk
+        print(f"unet-ray {args.command}: error: no space left on device writing {e.filename or 'the run folder'}; "
+              "free space and run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return 1
     except Exception as e:
         from unet_ray.train import TrainingFailed
 

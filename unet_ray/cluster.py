@@ -120,6 +120,10 @@ def _node_env(cluster: LocalCluster, head: bool) -> dict[str, str]:
     # inherits these from its node, and Ray Train passes the poll interval on to its controller.
     for name, value in ONE_MACHINE_RAY_ENV.items():
         env.setdefault(name, value)
+    # Ray Train's placement-group cleaner (a detached actor on the head) asks the state API about
+    # its controller; without an address it looks for "the" local Ray and, with another Ray on the
+    # machine, fails (raysession.own_api_server).
+    env["RAY_API_SERVER_ADDRESS"] = cluster.dashboard_url
     return env
 
 
@@ -293,25 +297,92 @@ def _start_nodes(
     """Start the head and the extra nodes one after the other; on failure stop what started."""
     try:
         for index in range(worker_nodes + 1):
-            role = "head" if index == 0 else f"node{index}"
-            log = Path(cluster.temp_dir) / f"ray_start_{role}.log"
-            with open(log, "w") as out:
-                proc = subprocess.Popen(
-                    _node_command(cluster, index == 0, num_cpus, object_store_mb),
-                    env=_node_env(cluster, head=index == 0),
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # not killed with the terminal or test that started it
-                )
-            cluster.pids.append(proc.pid)
-            cluster.logs.append(str(log))
-            cluster.save()
-            _wait_started(proc, log, deadline)
+            _start_node(cluster, index == 0, num_cpus, object_store_mb, deadline)
         _wait_ready(cluster, worker_nodes + 1, deadline)
     except BaseException:
         stop(cluster)
         raise
+
+
+def _start_node(
+    cluster: LocalCluster, head: bool, num_cpus: int | None, object_store_mb: int | None, deadline: float
+) -> None:
+    """One `ray start --block` in a session of its own (the node's raylet and workers are in it
+    too: kill_node), recorded in the state file; returns once it reports the node up."""
+    index = len(cluster.pids)
+    role = "head" if head else f"node{index}"
+    log = Path(cluster.temp_dir) / f"ray_start_{role}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            _node_command(cluster, head, num_cpus, object_store_mb),
+            env=_node_env(cluster, head=head),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # not killed with the terminal or test that started it
+        )
+    cluster.pids.append(proc.pid)
+    cluster.logs.append(str(log))
+    cluster.save()
+    _wait_started(proc, log, deadline)
+
+
+def add_node(
+    cluster: LocalCluster, num_cpus: int | None = None, object_store_mb: int | None = None, timeout: float = 120.0
+) -> int:
+    """Join one more node to a running `cluster` (a machine that comes up while a run goes on);
+    returns its index in cluster.pids once the cluster counts it alive. A node that fails to start
+    is stopped again; the rest of the cluster is left as it is."""
+    deadline = time.monotonic() + timeout
+    alive = len(alive_nodes(cluster))
+    index = len(cluster.pids)
+    try:
+        _start_node(cluster, False, num_cpus, object_store_mb, deadline)
+        _wait_ready(cluster, alive + 1, deadline)
+    except BaseException:
+        if len(cluster.pids) > index:
+            kill_node(cluster, index)
+        raise
+    return index
+
+
+def node_pids(cluster: LocalCluster, index: int) -> list[int]:
+    """Every live process of node `index` (0: the head): its `ray start` started them all in its
+    own session (raylet, agents, workers; Ray puts workers in process groups of their own, but
+    they stay in the session)."""
+    sid = cluster.pids[index]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == sid and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def kill_node(cluster: LocalCluster, index: int, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process of node `index` at once, raylet included: the node is lost, as when
+    its machine dies (no drain, no goodbye to the head). Returns the pids killed; raises a
+    ClusterError if any still runs after `timeout` seconds."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while (pids := node_pids(cluster, index)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        for pid in pids:
+            _reap(pid)
+        time.sleep(0.1)
+    left = node_pids(cluster, index)
+    if left:
+        raise ClusterError(f"processes {left} of node {index} of the cluster in {cluster.temp_dir} did not exit")
+    return sorted(killed)
 
 
 # ---------------------------------------------------------------------------------------------

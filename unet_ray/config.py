@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "poly", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 CLASS_WEIGHTINGS = ("auto", "none", "inverse_log")
+TRACKING_TOOLS = ("mlflow", "tensorboard", "wandb")  # run.tracking; tracking.py sends the runs there
 MIN_BOTTLENECK = 2  # pixels left at the bottom of the UNet
 # Default batch per worker. 8 on CPUs (measured: larger batches gave no more images/s on 2 cores).
 # 32 per GPU: 8 leaves a GPU launch-bound (the default model at 256 px is small); the learning
@@ -107,7 +109,11 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    workers: int = 2
+    # an int: that many workers, fixed; "MIN-MAX" (a string, e.g. "1-2"): an elastic worker group
+    # that starts once MIN workers fit, grows toward MAX as resources appear and shrinks instead of
+    # failing when a node is lost (worker_range; README "Reliability"). Resource planning sizes
+    # workers for MAX (max_workers); inside the worker the real world size counts.
+    workers: int | str = 2
     gpu: bool = False
     cpus_per_worker: float | None = None  # None: worked out from the cluster's CPUs
     storage_path: str = "~/unet_ray_results"
@@ -120,6 +126,27 @@ class RunSection:
     # channels_last in every precision
     precision: str = "auto"
     compile: bool = False  # torch.compile the model in each worker (first step slower, later ones faster)
+    # experiment tracking, any of mlflow, tensorboard, wandb (tracking.py); where to send is set the
+    # tools' own way (MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE, ...). TensorBoard event files
+    # are written into every run folder anyway; naming it adds the config to its HParams tab
+    tracking: list[str] = field(default_factory=list)
+    # elastic runs (workers "MIN-MAX"): seconds between Ray Train's checks for room to grow the
+    # worker group (ScalingConfig.elastic_resize_monitor_interval_s; Ray's default 60). A resize
+    # restarts the group from the latest checkpoint, so a short interval costs restarts
+    resize_interval_s: float = 60.0
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return worker_range(self.workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        low, high = worker_range(self.workers)
+        return low != high
 
 
 @dataclass
@@ -177,6 +204,30 @@ def merge(cfg: TrainConfig, values: dict[str, Any], origin: str) -> TrainConfig:
     return cfg
 
 
+def worker_range(value: Any, where: str = "run.workers") -> tuple[int, int]:
+    """(MIN, MAX) of run.workers: an int N is (N, N), a fixed group; "MIN-MAX" an elastic one;
+    "N" (a flag or YAML string) is N. A ConfigError names anything else, or MIN > MAX, or MIN < 1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        low = high = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", value):
+        low, high = (int(part) for part in value.split("-"))
+    else:
+        raise ConfigError(f"{where}={value!r}: give a number of workers (2) or a range MIN-MAX (1-4)")
+    if low < 1:
+        raise ConfigError(f"{where}={value!r}: must be >= 1")
+    if low > high:
+        raise ConfigError(f"{where}={value!r}: MIN must not be above MAX")
+    return low, high
+
+
+def _workers_value(value: Any, where: str) -> int | str:
+    """run.workers as stored: an int for a fixed group (also "2" and "2-2"), "MIN-MAX" for a range."""
+    low, high = worker_range(value, where)
+    return low if low == high else f"{low}-{high}"
+
+
 def _set(cfg: TrainConfig, section: str, name: str, value: Any, origin: str) -> None:
     if section not in TrainConfig.SECTIONS:
         raise ConfigError(f"{origin}: unknown section {section!r}; known: {', '.join(TrainConfig.SECTIONS)}")
@@ -187,6 +238,9 @@ def _set(cfg: TrainConfig, section: str, name: str, value: Any, origin: str) -> 
     hint = typing.get_type_hints(type(obj))[name]
     if (section, name) == ("data", "augment") and isinstance(value, bool):
         value = "medium" if value else "none"  # the earlier on/off switch: on was today's medium
+    if (section, name) == ("run", "workers"):  # int | str: coerce would take the first type only
+        setattr(obj, name, _workers_value(value, f"{origin}: run.workers"))
+        return
     setattr(obj, name, coerce(value, hint, f"{origin}: {section}.{name}"))
 
 
@@ -221,6 +275,11 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(hint) is list:  # a YAML list, or "a,b" / "a b" from a flag
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if isinstance(value, (list, tuple)):
+            return [coerce(v, typing.get_args(hint)[0], where) for v in value]
     raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -272,10 +331,14 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
         o.class_weights in CLASS_WEIGHTINGS,
         f"optim.class_weights={o.class_weights!r}: choose one of {', '.join(CLASS_WEIGHTINGS)}",
     )
-    need(r.workers >= 1, f"run.workers={r.workers}: must be >= 1")
+    worker_range(r.workers)  # a ConfigError naming the value: 0, "3-1", "a-b"
+    need(r.resize_interval_s > 0, f"run.resize_interval_s={r.resize_interval_s}: seconds, must be > 0")
     need(r.cpus_per_worker is None or r.cpus_per_worker > 0, f"run.cpus_per_worker={r.cpus_per_worker}: must be > 0")
     need(r.max_failures >= -1, f"run.max_failures={r.max_failures}: must be >= 0 (or -1 for no limit)")
     need(r.keep_checkpoints >= 1, f"run.keep_checkpoints={r.keep_checkpoints}: must be >= 1")
+    for tool in r.tracking:
+        need(tool in TRACKING_TOOLS, f"run.tracking: unknown tool {tool!r}; choose from {', '.join(TRACKING_TOOLS)}")
+    r.tracking = list(dict.fromkeys(r.tracking))  # each tool once
     need(bool(r.name) and "/" not in r.name and r.name not in (".", ".."), f"run.name={r.name!r}: must be a plain folder name")
     if check_paths and d.path is not None and "://" not in d.path:
         need(Path(d.path).expanduser().exists(), f"data.path={d.path}: no such folder")

@@ -97,7 +97,6 @@ def prepare(
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     palette.check_label_set(label_set)
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
@@ -141,6 +140,29 @@ def prepare(
         )
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        meta = _write_prepared(tmp, out, rows, bad, files, src, image_size, label_set)
+    except OSError as e:  # a full disk, say: the half-written folder goes, the output is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = os.strerror(e.errno) if e.errno else str(e)  # pyarrow's own text hides it in a "Detail"
+        raise DataError(f"cannot write the prepared data to {out}: {reason}; nothing was written there") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = meta["counts"]
+    progress(
+        f"prepare: wrote {counts['train']} train and {counts['val']} val rows to {out} "
+        f"in {time.perf_counter() - start:.1f}s" + (f"; skipped {len(bad)} bad files (see {out / SKIPPED_FILE})" if bad else "")
+    )
+    return meta
+
+
+def _write_prepared(tmp: Path, out: Path, rows, bad: list[dict[str, str]], files, src: Path, image_size: int, label_set: str):
+    """Write the prepared folder into `tmp`, then rename it to `out`: a reader sees the whole folder
+    or none of it (meta.json, which readers check first, is written last)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     good = rows.filter(pc.equal(rows["error"], "")).drop_columns(["error", "path"])
@@ -150,8 +172,7 @@ def prepare(
         if split != "val":
             part = part.drop_columns(["mask_native"])
         counts[split] = part.num_rows
-        if counts[split] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if counts[split] == 0:  # the caller removes tmp
             raise DataError(f"{src / split}: no usable pair files (all {len(files[split])} were bad)")
         (tmp / split).mkdir()
         for index, offset in enumerate(range(0, part.num_rows, ROWS_PER_FILE)):
@@ -173,10 +194,6 @@ def prepare(
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    progress(
-        f"prepare: wrote {counts['train']} train and {counts['val']} val rows to {out} "
-        f"in {time.perf_counter() - start:.1f}s" + (f"; skipped {len(bad)} bad files (see {out / SKIPPED_FILE})" if bad else "")
-    )
     return meta
 
 

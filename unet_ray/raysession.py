@@ -67,11 +67,38 @@ def ensure_ray(progress=print) -> None:
         from unet_ray import console
 
         console.quiet_driver_notices()
-        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
+        dashboard_port = own_api_server()
+        ray.init(
+            address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+            **kwargs,
+        )  # fmt: skip
         progress(
             f"ray: started a local Ray on 127.0.0.1 with {ray.cluster_resources().get('CPU', 0):g} CPUs "
             "(token authentication on)"
         )
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# The value own_api_server set, copied here: a user's own RAY_API_SERVER_ADDRESS is kept, ours
+# (inherited by a command that a process with a local Ray started) is replaced.
+OWN_API_SERVER_ENV = "UNET_RAY_OWN_API_SERVER"
+
+
+def own_api_server() -> int:
+    """A free port for the local Ray's dashboard, named in RAY_API_SERVER_ADDRESS before Ray starts,
+    so that every process of this Ray inherits it. Ray's helpers that use the state API (Ray Train's
+    placement-group cleaner asks it whether the run's controller lives) otherwise look for "the"
+    local Ray: with two on the machine they fail ("Found multiple active Ray instances", or an
+    AuthenticationError from the other Ray) and cannot clean up after a killed driver."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    current = os.environ.get(API_SERVER_ENV, "")
+    if not current or current == os.environ.get(OWN_API_SERVER_ENV):
+        os.environ[API_SERVER_ENV] = os.environ[OWN_API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def _keep_ray_on_loopback() -> None:

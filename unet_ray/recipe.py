@@ -41,6 +41,12 @@ class StepSchedule:
     Its saved state is the number of steps taken: a resumed run re-plans the schedule from the
     config (so a run resumed with more epochs stretches its schedule) and moves it forward by
     that many steps, which gives exactly the uninterrupted run's learning rates.
+
+    The plan is in epochs (total and warmup), turned into steps with `steps_per_epoch`, which the
+    state keeps too: a worker group of another size (an elastic run that lost or gained workers)
+    has another number of steps per epoch, and moves forward by the same share of the run instead
+    (steps taken x its steps per epoch / theirs; at an epoch's end, epochs done x its own), so
+    that the learning rate at every epoch boundary is the plan's.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg, steps_per_epoch: int, epochs: int | None = None):
@@ -81,13 +87,17 @@ class StepSchedule:
         return self.scheduler.get_last_lr()[0]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done}
+        return {"steps_done": self.steps_done, "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        steps = int(state["steps_done"])
+        saved_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))  # older states: the same
+        if saved_per_epoch != self.steps_per_epoch:  # another world size: the same share of the plan
+            steps = round(steps * self.steps_per_epoch / saved_per_epoch)
         self.scheduler = self._fresh()
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
             warnings.simplefilter("ignore", UserWarning)
-            for _ in range(min(int(state["steps_done"]), self.total_steps)):
+            for _ in range(min(steps, self.total_steps)):
                 self.scheduler.step()
 
 

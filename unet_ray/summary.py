@@ -22,13 +22,18 @@ def run_and_report(cfg, progress=print) -> dict[str, Any]:
     from unet_ray.train import run_dir_of, run_training
 
     started = time.perf_counter()
-    summary = run_training(cfg, progress)
-    finish_train(summary, run_dir_of(cfg), cfg.data.path, time.perf_counter() - started, progress)
-    return summary
+
+    def finish(summary: dict[str, Any], tracked) -> None:  # while the tracked runs are open
+        finish_train(summary, run_dir_of(cfg), cfg.data.path, time.perf_counter() - started, progress, tracked)
+
+    return run_training(cfg, progress, finish=finish)
 
 
-def finish_train(summary: dict[str, Any], run_dir: Path, data: str | None, seconds: float, progress=print) -> None:
-    """The end of `unet-ray train`: the result, the run's report page, the next commands."""
+def finish_train(summary: dict[str, Any], run_dir: Path, data: str | None, seconds: float, progress=print,
+                 tracked=None) -> None:  # fmt: skip
+    """The end of `unet-ray train`: the result, the run's report page, the next commands.
+    `tracked` (tracking.Tracked): gets the report page, the best checkpoint as its model and, in
+    the run's TensorBoard files, a few predicted masks."""
     from unet_ray.dashboard.report import write_report
     from unet_ray.dashboard.results import DashboardError
 
@@ -45,8 +50,37 @@ def finish_train(summary: dict[str, Any], run_dir: Path, data: str | None, secon
     except (DashboardError, OSError) as e:  # the run itself succeeded: say why there is no page
         report = None
         progress(f"report: not written ({e})")
+    if tracked is not None:
+        track_train_end(tracked, summary, run_dir, data, report)
+        for line in tracked.lines():
+            progress(line)
     for line in next_commands(run_dir, data, report):
         progress(line)
+
+
+def track_train_end(tracked, summary: dict[str, Any], run_dir: Path, data: str | None, report: Path | None) -> None:
+    """The end of a train run in its tracked runs: masks predicted by the best checkpoint for the
+    first validation pairs (photo | true mask | predicted mask) in TensorBoard, the report page
+    and the checkpoint (`model`) in MLflow and W&B."""
+    import numpy as np
+
+    from unet_ray.checkpoint import resolve
+    from unet_ray.dashboard.predictions import NUM_SAMPLES, predict_samples
+
+    prepared = run_dir / "prepared"
+    if not prepared.is_dir() and data:  # trained on a prepared folder given with --data
+        prepared = Path(data).expanduser()
+    try:
+        rows, _, _, epoch = predict_samples(resolve(summary["checkpoint"]), prepared, NUM_SAMPLES)
+        strips = [(f"predictions/{i}", np.concatenate([r["photo"], r["truth"], r["prediction"]], axis=1))
+                  for i, r in enumerate(rows)]  # fmt: skip
+        tracked.log_images(strips, int(epoch or summary["metrics"].get("epoch") or 0))
+    except Exception as e:  # the run itself succeeded: say why there are no pictures
+        print(f"tracking: warning: no predicted masks for TensorBoard ({type(e).__name__}: {e})", flush=True)
+    if tracked.remote:
+        if report is not None:
+            tracked.log_file(report)
+        tracked.log_model(summary["checkpoint"])
 
 
 def next_commands(run_dir: Path, data: str | None, report: Path | None) -> list[str]:
@@ -70,6 +104,7 @@ def next_commands(run_dir: Path, data: str | None, report: Path | None) -> list[
         f"  unet-ray report --results {q(run)} --out {q(str(report or run_dir / 'report.html'))}"
         + ("   (written already; again for a fresh copy)" if report else ""),
         f"  unet-ray dashboard --results {q(run)}",
+        f"  tensorboard --logdir {q(run)}",
     ]
     return lines
 

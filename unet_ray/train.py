@@ -8,6 +8,7 @@ the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unet_ray import jsonfile
+from unet_ray import jsonfile, tracking
 from unet_ray.config import ConfigError, TrainConfig, storage_uri
 from unet_ray.raysession import check_gpus, ensure_ray, gpu_notice, local_gpus, root_cause
 
@@ -44,17 +45,22 @@ def plan_resources(cfg: TrainConfig, cluster_cpus: float, data_reserve: float = 
 
     With every CPU held by workers, data tasks could never start and the run would hang; so unless
     the user says otherwise, workers share what is left after a reserve for data tasks.
+
+    An elastic run (workers "MIN-MAX") is sized for MAX workers, so that every worker it may grow
+    to fits the CPUs it asks for; only MIN of them must fit the cluster as it is now (the rest may
+    come with nodes that join later: pass --cpus-per-worker then, as a share of today's CPUs is
+    no measure of tomorrow's nodes).
     """
     r = cfg.run
     if r.cpus_per_worker is not None:
         cpus = r.cpus_per_worker
     elif r.gpu:
-        cpus = max(1.0, min(4.0, (cluster_cpus - data_reserve) / r.workers))
+        cpus = max(1.0, min(4.0, (cluster_cpus - data_reserve) / r.max_workers))
     else:
-        cpus = (cluster_cpus - data_reserve) / r.workers
-    if cpus * r.workers > cluster_cpus - 0.25 + 1e-9 and not r.gpu:
+        cpus = (cluster_cpus - data_reserve) / r.max_workers
+    if cpus * r.min_workers > cluster_cpus - 0.25 + 1e-9 and not r.gpu:
         raise ConfigError(
-            f"{r.workers} workers x {cpus:g} CPUs do not fit in {cluster_cpus:g} CPUs with room for data "
+            f"{r.min_workers} workers x {cpus:g} CPUs do not fit in {cluster_cpus:g} CPUs with room for data "
             "tasks; use fewer workers or a smaller --cpus-per-worker"
         )
     cpus = math.floor(cpus * 100) / 100
@@ -142,7 +148,6 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from unet_ray import console as console_io
-    from unet_ray.data import steps_per_epoch
     from unet_ray.worker import train_loop_per_worker
 
     res = plan_resources(cfg, ray.cluster_resources().get("CPU", 0))
@@ -151,18 +156,23 @@ def build_trainer(
         train_loop_config={
             "cfg": cfg.to_dict(),
             "torch_threads": res.torch_threads,
-            # the learning-rate schedule is planned in optimizer steps
-            "steps_per_epoch": steps_per_epoch(
-                meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size, drop_last=cfg.run.compile
-            ),
+            # The learning-rate schedule is planned in optimizer steps, and how many steps an epoch
+            # has depends on the world size, which an elastic group changes: each worker group
+            # works them out from its own size (worker.train_loop_per_worker, data.steps_per_epoch).
+            "train_rows": meta["counts"]["train"],
             "native_masks": bool(meta.get("native_size")),
             "console": console,
             "class_weights": class_weights,
             "deadline": deadline,
+            "storage_dir": f"{storage.rstrip('/')}/{run_name}",  # named when a checkpoint cannot be written
         },
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+            # (MIN, MAX): Ray Train's elastic worker group; an int: a fixed one
+            num_workers=(cfg.run.min_workers, cfg.run.max_workers) if cfg.run.elastic else cfg.run.max_workers,
+            use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker},
+            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -199,6 +209,7 @@ def fit(
     progress=print,
     worker_lines: bool = True,
     deadline: float | None = None,
+    tracked=None,
 ) -> dict[str, Any]:
     """Prepare data, train, and return the summary (best checkpoint and its metrics).
 
@@ -220,7 +231,8 @@ def fit(
         f"data: {meta['counts']['train']} train / {meta['counts']['val']} val pairs at {meta['image_size']}px, "
         f"label set {meta['classes']}"
     )
-    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.workers, seed=cfg.run.seed)
+    # val in one block per worker of the largest group (a smaller one takes several blocks each)
+    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.max_workers, seed=cfg.run.seed)
     weights = None
     if cfg.class_weighting != "none":
         from unet_ray.losses import class_weights
@@ -237,7 +249,8 @@ def fit(
     from unet_ray.console import worker_settings
     from unet_ray.data import steps_per_epoch
 
-    batches = steps_per_epoch(meta["counts"]["train"], cfg.run.workers, cfg.optim.batch_size)
+    # each worker group puts its own batch count in (worker.py: the world size may change)
+    batches = steps_per_epoch(meta["counts"]["train"], cfg.run.max_workers, cfg.optim.batch_size)
     settings = worker_settings(batches, lines=worker_lines)
     trainer = build_trainer(
         cfg,
@@ -250,8 +263,11 @@ def fit(
         class_weights=weights,
         deadline=deadline,
     )
+    # `tracked` (tracking.Tracked) logs each row history_callback appends, while training runs
+    following = tracked.follow(run_dir / HISTORY_FILE) if tracked is not None else contextlib.nullcontext()
     try:
-        result = trainer.fit()
+        with following:
+            result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the user's message, not Ray's stack
         raise TrainingFailed(f"training run {run_name} failed: {root_cause(e)}") from e
     if result.error is not None:
@@ -275,9 +291,10 @@ def summarize(result, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, progress=print, finish=None) -> dict[str, Any]:
     """Validate, start or join Ray, train, and return the summary (best checkpoint and metrics).
-    `unet-ray train` prints the end of the run as well: summary.run_and_report."""
+    `unet-ray train` prints the end of the run as well: summary.run_and_report, through
+    `finish(summary, tracked)`, called while the run's tracked runs (tracking.Tracked) are open."""
     from unet_ray.checkpoint import check_resumable
     from unet_ray.data import check_source
 
@@ -294,12 +311,26 @@ def run_training(cfg: TrainConfig, progress=print) -> dict[str, Any]:
             f"how many of at most {cfg.optim.epochs} epochs fit"
         )
     if cfg.run.gpu and not os.environ.get("RAY_ADDRESS"):  # a local Ray: refused before it starts
-        check_gpus(cfg.run.workers, True, {"GPU": local_gpus()})
+        check_gpus(cfg.run.min_workers, True, {"GPU": local_gpus()})
+    # Before Ray: an MLflow or W&B server that cannot be reached stops the run here (ConfigError).
+    tracked = tracking.start_run(cfg, run_dir, progress)
+    with tracked:  # ends the tracked runs: FINISHED, or FAILED (KILLED on Ctrl-C) when training raises
+        return _run_started(cfg, run_dir, deadline, tracked, finish, progress)
+
+
+def _run_started(cfg: TrainConfig, run_dir: Path, deadline, tracked, finish, progress) -> dict[str, Any]:
+    """run_training once everything that can be checked without Ray has been."""
     ensure_ray(progress)
     import ray
 
-    check_gpus(cfg.run.workers, cfg.run.gpu, ray.cluster_resources())  # a joined cluster's GPUs
+    # a joined cluster's GPUs: the workers the run needs to start (an elastic run's MIN; the rest
+    # may come with nodes that join later)
+    check_gpus(cfg.run.min_workers, cfg.run.gpu, ray.cluster_resources())
     notice = gpu_notice(cfg.run.gpu, ray.cluster_resources())
     if notice:
         progress(notice)
-    return fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress, deadline=deadline)
+    summary = fit(cfg, cfg.run.name, storage_uri(cfg.run.storage_path), run_dir, progress=progress, deadline=deadline,
+                  tracked=tracked)
+    if finish is not None:
+        finish(summary, tracked)
+    return summary

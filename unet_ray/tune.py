@@ -13,6 +13,7 @@ Layout under <storage>/<name>/ (Tune's experiment folder):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import typing
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unet_ray import jsonfile
+from unet_ray import jsonfile, tracking
 from unet_ray.config import SEARCHABLE, ConfigError, TrainConfig, coerce, load_yaml, merge, storage_uri
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
@@ -196,20 +197,17 @@ def plan_concurrency(sweep: SweepConfig, cluster: dict[str, float]) -> int:
     if sweep.tune.max_concurrent_trials:
         return sweep.tune.max_concurrent_trials
     if r.gpu:
-        return max(1, int(cluster.get("GPU", 0) // r.workers))
+        return max(1, int(cluster.get("GPU", 0) // r.max_workers))
     per_worker = r.cpus_per_worker if r.cpus_per_worker is not None else 1.0
-    per_trial = r.workers * per_worker + DATA_RESERVE_CPUS
+    per_trial = r.max_workers * per_worker + DATA_RESERVE_CPUS  # an elastic trial may grow to MAX
     return max(1, math.floor(cluster.get("CPU", 1) / per_trial))
 
 
 def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[str, Any]:
     """`unet-ray tune`: prepare data once, run (or resume) the sweep, write and return best.json."""
-    import ray
     from ray import tune
 
-    from unet_ray import console, summary
-    from unet_ray.data import check_source, resolve_prepared
-    from unet_ray.raysession import check_gpus, ensure_ray
+    from unet_ray.data import check_source
 
     base = sweep.base
     storage = storage_uri(base.run.storage_path)
@@ -220,8 +218,26 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
         raise ConfigError(f"{experiment} already holds a sweep: pass --resume to continue it, or choose another --name")
 
     check_source(base)
+    # Before Ray: an MLflow or W&B server that cannot be reached stops the sweep here (ConfigError).
+    tracked = tracking.start_sweep(base, sweep.search, dataclasses.asdict(sweep.tune), experiment, progress)
+    with tracked:  # ends the parent runs: FINISHED, or FAILED (KILLED on Ctrl-C)
+        return _sweep_started(sweep, resume, tracked, progress)
+
+
+def _sweep_started(sweep: SweepConfig, resume: bool, tracked, progress) -> dict[str, Any]:
+    """run_sweep once everything that can be checked without Ray has been."""
+    import ray
+    from ray import tune
+
+    from unet_ray import console, summary
+    from unet_ray.data import resolve_prepared
+    from unet_ray.raysession import check_gpus, ensure_ray
+
+    base = sweep.base
+    storage = storage_uri(base.run.storage_path)
+    experiment = Path(storage) / base.run.name
     ensure_ray(progress)
-    check_gpus(base.run.workers, base.run.gpu, ray.cluster_resources(), per="trial")
+    check_gpus(base.run.min_workers, base.run.gpu, ray.cluster_resources(), per="trial")
     experiment.mkdir(parents=True, exist_ok=True)
     prepared, _ = resolve_prepared(base, experiment, progress)
     if base.run.cpus_per_worker is None and not base.run.gpu:
@@ -249,14 +265,80 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
             # quiet: one line per trial event (summary.trial_lines) instead of Tune's status tables
             run_config=tune.RunConfig(
                 name=base.run.name, storage_path=storage, verbose=1 if console.is_verbose() else 0,
-                callbacks=[summary.trial_lines(base.optim.epochs, progress)],
+                callbacks=[summary.trial_lines(base.optim.epochs, progress), tracking_callback(base.optim.epochs)],
+                # A trial whose own process dies (its node lost, say) is started again, up to
+                # run.max_failures times; its Train run, same storage and name, then resumes from
+                # its latest checkpoint. (Workers lost under a living trial are restarted by Ray
+                # Train itself, with the same limit: build_trainer.)
+                failure_config=tune.FailureConfig(max_failures=base.run.max_failures),
             ),
         )
-    results = tuner.fit()
+    # the trials' tracked runs: started, fed and ended by tracking_callback from `tracked`
+    base_config = base.to_dict()
+    tracked.trial_config = lambda params: trial_config(base_config, params, str(prepared)).to_dict()
+    tracked.runs_dir = experiment / RUNS_DIR
+    tracking.set_current_sweep(tracked)
+    try:
+        results = tuner.fit()
+    finally:
+        tracking.set_current_sweep(None)
     best = summarize_sweep(results, experiment, progress)
-    for line in summary.next_commands(experiment, base.data.path, None):
+    _track_sweep_end(tracked, best, experiment)
+    for line in [*tracked.lines(), *summary.next_commands(experiment, base.data.path, None)]:
         progress(line)
     return best
+
+
+def tracking_callback(max_epochs: int):
+    """A Tune callback (in the driver) that gives each trial its tracked runs (children of the
+    sweep's, tracking.Sweep): started with the trial, fed the rows its Train run appends to its
+    history.jsonl when Tune gets each result, ended with the trial. It holds nothing itself: Tune
+    pickles its callbacks with the experiment (and restores them on --resume), so it finds the
+    sweep that runs in this process at each event."""
+    from ray.tune import Callback
+
+    class TrackTrials(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            sweep = tracking.current_sweep()
+            if sweep is not None:
+                sweep.trial_started(trial.trial_id, trial.config)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            sweep = tracking.current_sweep()
+            if sweep is not None:
+                sweep.trial_result(trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            sweep = tracking.current_sweep()
+            if sweep is not None:
+                sweep.trial_ended(trial.trial_id, False, max_epochs)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            sweep = tracking.current_sweep()
+            if sweep is not None:
+                sweep.trial_ended(trial.trial_id, True, max_epochs)
+
+    return TrackTrials()
+
+
+def _track_sweep_end(tracked, best: dict[str, Any], experiment: Path) -> None:
+    """The sweep's parent runs get the best trial and its val_iou; MLflow and W&B also best.json,
+    the best trial's checkpoint (`model`) and the report page (unet-ray report)."""
+    import tempfile
+
+    from unet_ray.dashboard.report import write_report
+    from unet_ray.dashboard.results import DashboardError
+
+    tracked.log_summary({"best_val_iou": best["val_iou"]}, {"best_trial": best["trial_id"]})
+    if not tracked.remote:
+        return
+    tracked.log_file(experiment / BEST_FILE)
+    tracked.log_model(best["checkpoint"])
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            tracked.log_file(write_report(experiment, Path(tmp) / "report.html"))
+        except (DashboardError, OSError) as e:
+            print(f"tracking: warning: no report page for the sweep's tracked runs ({e})", flush=True)
 
 
 def _scheduler(sweep: SweepConfig, runs_dir: Path):

@@ -5,6 +5,7 @@ The driver side, which builds and runs the TorchTrainer, is in train.py.
 
 from __future__ import annotations
 
+import errno
 import tempfile
 import threading
 import time
@@ -17,6 +18,7 @@ from unet_ray import checkpoint as ckpt_io
 from unet_ray import console, engine, jsonfile, metrics, recipe
 from unet_ray import gpu as gpu_path
 from unet_ray.config import TrainConfig
+from unet_ray.data import steps_per_epoch
 from unet_ray.model import build_model
 
 SHUFFLE_BUFFER_BATCHES = 4  # rows mixed per epoch: this many batches' worth at a time
@@ -31,11 +33,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.from_dict(loop_config["cfg"])
-    shown = loop_config.get("console") or console.EPOCH_LINES_ONLY  # what rank 0 prints
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    # Steps per epoch of this worker group: the train split is divided equally among its workers,
+    # each with the configured batch, so an elastic group that shrinks or grows takes more or
+    # fewer (larger or smaller global) steps per epoch; the schedule is planned in epochs and
+    # turned into this group's steps (recipe.StepSchedule).
+    steps = steps_per_epoch(loop_config["train_rows"], world_size, cfg.optim.batch_size, drop_last=cfg.run.compile)
+    shown = {**(loop_config.get("console") or console.EPOCH_LINES_ONLY), "batches": steps}  # what rank 0 prints
     console.quiet_train_worker(shown)
     torch.set_num_threads(loop_config["torch_threads"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
     state = None
@@ -81,7 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = gpu_path.compile_model(ray.train.torch.prepare_model(net), cfg.run.compile)
     plain = net
     optimizer = recipe.build_optimizer(model.parameters(), cfg.optim)
-    schedule = recipe.StepSchedule(optimizer, cfg.optim, loop_config["steps_per_epoch"], epochs=planned)
+    schedule = recipe.StepSchedule(optimizer, cfg.optim, steps, epochs=planned)
     ema = recipe.build_ema(plain, cfg.optim.ema_decay)
     validated = ema.module if ema is not None else plain  # what is validated, saved as "model", served
 
@@ -165,6 +172,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # this worker's share of training time (after the first batch) the device sat waiting for data
             **batches.summary(stats["train_seconds"]),
             "restored_from_epoch": restored_from,  # > 0 on the first epoch after a restart or resume
+            # workers that trained this epoch: an elastic group's size changes when nodes go or come
+            "world_size": world_size,
+            "steps_per_epoch": steps,
             # how this epoch ran, as measured, for the record and the GPU test
             "dist_backend": _dist_backend(),
             "logits_dtype": stats["logits_dtype"],  # bfloat16 under autocast
@@ -172,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if deadline is not None:
             seconds_left = deadline - time.time() - FINISH_RESERVE_S
-            paces.append(epoch_pace(report, epoch == start_epoch + 1, loop_config["steps_per_epoch"]))
+            paces.append(epoch_pace(report, epoch == start_epoch + 1, steps))
             pace = recent_pace(paces)
             new_plan = budget_plan(epoch, seconds_left, None if plan_pending else planned, cfg.optim.epochs, pace)
             # rank 0 decides, so that every worker trains the same number of epochs
@@ -209,7 +219,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if shown["lines"]:
                     print(console.epoch_line(report, planned), flush=True)
-            ray.train.report(report, checkpoint=checkpoint)
+            try:
+                ray.train.report(report, checkpoint=checkpoint)
+            except OSError as e:
+                raise checkpoint_not_written(e, epoch, loop_config.get("storage_dir")) from None
+
+
+class CheckpointNotWritten(OSError):
+    """A checkpoint could not be copied to the run's storage (a full disk, say)."""
+
+
+def checkpoint_not_written(error: OSError, epoch: int, storage_dir: str | None) -> OSError:
+    """One line that names the storage and says what survives. Ray copies the checkpoint with
+    pyarrow, whose error names neither; a copy that fails leaves the earlier checkpoints as they
+    were (each is its own folder), so the run resumes from the last one once there is room."""
+    if error.errno != errno.ENOSPC and "No space left" not in str(error):
+        return error
+    where = storage_dir or "the run's storage path"
+    return CheckpointNotWritten(
+        errno.ENOSPC,
+        f"the checkpoint of epoch {epoch} cannot be written to {where}: no space left on device. "
+        "The run's earlier checkpoints there are intact: free space and run the same command again to resume",
+    )
 
 
 def budget_plan(epochs_done: int, seconds_left: float, planned: int | None, max_epochs: int, pace: float) -> int:
