@@ -185,29 +185,46 @@ def fresh_env() -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
-def train(tmp: Path, name: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def start_train(tmp: Path, name: str, *extra: str) -> tuple[list[str], subprocess.Popen]:
+    """`unet-ray train` of the small config, its stdout and stderr in files (tmp/NAME.out, .err)."""
     config = tmp / "small.yaml"
     config.write_text(yaml.safe_dump(SMALL))
     cmd = [sys.executable, "-m", "unet_ray.cli", "train", "--config", str(config), "--epochs", "2",
            "--storage-path", str(tmp / "results"), "--name", name, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=fresh_env())  # fmt: skip
+    with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True, env=fresh_env())
+    return cmd, proc
+
+
+def finish_train(tmp: Path, name: str, cmd: list[str], proc: subprocess.Popen, timeout: float = 300):
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     finally:
         kill_session(proc.pid)  # the local Ray it started, if anything of it is left
+    out, err = (tmp / f"{name}.out").read_text(), (tmp / f"{name}.err").read_text()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def train(tmp: Path, name: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return finish_train(tmp, name, *start_train(tmp, name, *extra), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{"quiet": (result, run folder), "verbose": (...)}: one run of each console."""
+    """{"quiet": (result, run folder), "verbose": (...)}: one run of each console, both at once
+    (two `unet-ray train` commands on one machine, each with its own local Ray), and when each
+    ran: {"spans": {name: (started, ended)}}."""
     tmp = tmp_path_factory.mktemp("console")
-    found = {}
+    started = {}
     for name, extra in (("quiet", ()), ("verbose", ("--verbose",))):
-        result = train(tmp, name, *extra)
+        started[name] = (time.time(), *start_train(tmp, name, *extra))
+    found, spans = {}, {}
+    for name, (began, cmd, proc) in started.items():
+        result = finish_train(tmp, name, cmd, proc)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         found[name] = (result, tmp / "results" / name)
+        spans[name] = (began, max(json.loads(x)["time"] for x in (tmp / "results" / name / "history.jsonl").read_text().splitlines()))
+    found["spans"] = spans
     return found
 
 
@@ -227,6 +244,21 @@ def test_quiet_console_fits_30_lines_with_epochs_and_next_steps(runs):
     assert f"unet-ray predict --checkpoint {run} --input {run / 'synthetic_pairs' / 'val'}" in shown
     assert f"unet-ray dashboard --results {run}" in shown
     assert (run / "report.html").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(700)
+def test_two_trainings_at_once_leave_no_traceback(runs):
+    """The quiet and the verbose run trained at the same time, each with its own local Ray: no Ray
+    helper of either looked for "the" local Ray and found two (Ray Train's placement-group cleaner
+    printed a 29-line traceback then, and could not clean up after a killed driver)."""
+    (quiet_began, quiet_ended), (verbose_began, verbose_ended) = runs["spans"]["quiet"], runs["spans"]["verbose"]
+    assert verbose_began < quiet_ended and quiet_began < verbose_ended  # they overlapped
+    for name in ("quiet", "verbose"):
+        result, _ = runs[name]
+        shown = result.stdout + result.stderr
+        for sign in ("Traceback", "Found multiple active Ray instances", "AuthenticationError"):
+            assert sign not in shown, f"{name}: {shown[-4000:]}"
 
 
 @pytest.mark.ray

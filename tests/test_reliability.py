@@ -309,35 +309,6 @@ def test_a_full_disk_stops_the_checkpoint_with_its_path(tmp_path, small_disk):
     assert [row["epoch"] for row in rows()] == [1, 2, 3, 4]
 
 
-@pytest.mark.ray
-def test_two_trainings_at_once_leave_no_traceback(tmp_path):
-    """Two `unet-ray train` commands at once, each with its own local Ray: both finish, and no Ray
-    helper of either looks for "the" local Ray and finds two (Ray Train's placement-group cleaner
-    printed a 29-line traceback then, and could not clean up after a killed driver)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["PYTHONUNBUFFERED"] = "1"
-    procs = []
-    for name in ("first", "second"):
-        cmd = [sys.executable, "-m", "unet_ray.cli", "train", "--storage-path", str(tmp_path / "results"), "--name", name,
-               "--epochs", "2", *TINY_TRAIN, *tiny_config(tmp_path, 16, 8)]  # fmt: skip
-        log = open(tmp_path / f"{name}.log", "w")
-        procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log))
-        time.sleep(5)  # the second Ray starts while the first one runs
-    try:
-        for name, proc, log in procs:
-            proc.wait(timeout=400)
-            log.close()
-    finally:
-        for _, proc, _ in procs:
-            kill_session(proc.pid)
-    for name, proc, _ in procs:
-        output = (tmp_path / f"{name}.log").read_text()
-        assert proc.returncode == 0, output[-3000:]
-        assert "ray: started a local Ray on 127.0.0.1" in output and "done in " in output, output[-3000:]
-        for sign in ("Traceback", "Found multiple active Ray instances", "AuthenticationError"):
-            assert sign not in output, output[-4000:]
-
-
 def test_a_full_disk_under_the_driver_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     """The driver's own files (best.json, history.jsonl, the report) on a full disk: one line."""
     import errno
