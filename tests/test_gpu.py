@@ -85,3 +85,28 @@ def test_data_wait_meter_measures_gpu_idle_time_with_events():
             big = (big @ big).tanh()
     assert all(w < 0.005 for w in meter.waits()[1:])
     assert meter.summary(1.0)["data_wait_share"] < 0.05
+
+
+def test_a_resumed_optimizer_keeps_its_step_counters_on_the_cpu(tmp_path):
+    """A checkpoint loaded as the worker loads it (to the CPU) and restored into a model on the
+    GPU: AdamW's moments move to the GPU, its step counters stay on the CPU as in a fresh run
+    (on the GPU each step would read them back: two syncs per parameter per step)."""
+    from unet_ray import checkpoint as ckpt_io
+    from unet_ray import recipe, worker
+    from unet_ray.config import OptimSection
+
+    device = torch.device("cuda")
+    model = UNet(2, depth=2, base_channels=4).to(device)
+    optimizer = recipe.build_optimizer(model.parameters(), OptimSection())
+    schedule = recipe.StepSchedule(optimizer, OptimSection(), steps_per_epoch=4)
+    images = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
+    engine.train_one_epoch(model, [{"image": images, "mask": images[..., 0] > 127}], optimizer, device, scheduler=schedule)
+    ckpt_io.save_state(tmp_path, {**worker.training_state(model, optimizer, schedule, None), "epoch": 1, "config": {}})
+
+    resumed_model = UNet(2, depth=2, base_channels=4).to(device)
+    resumed = recipe.build_optimizer(resumed_model.parameters(), OptimSection())
+    resumed_schedule = recipe.StepSchedule(resumed, OptimSection(), steps_per_epoch=4)
+    worker.restore_training_state(ckpt_io.load_state(tmp_path), resumed_model, resumed, resumed_schedule, None)
+    for state in resumed.state.values():
+        assert state["step"].device.type == "cpu"
+        assert state["exp_avg"].device.type == "cuda" and state["exp_avg_sq"].device.type == "cuda"
