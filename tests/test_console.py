@@ -93,12 +93,10 @@ def test_count_progress_prints_bounded_lines_with_rate_and_time_left():
     assert first.endswith(" left") and "100/100" not in "".join(printed)
 
 
-def test_worker_settings_count_batches_per_worker(monkeypatch):
-    from unet_ray.data import steps_per_epoch
-
-    settings = console.worker_settings(steps_per_epoch(train_rows=97, workers=2, batch_size=16))
-    assert settings["batches"] == 3  # 48 rows per worker (the equal split drops one) in batches of 16
+def test_worker_settings_print_at_the_log_pace_off_a_terminal():
+    settings = console.worker_settings()
     assert settings["every_s"] == console.PROGRESS_EVERY_LOG_S  # pytest's stdout is not a terminal
+    assert settings["lines"] and not console.worker_settings(lines=False)["lines"]
 
 
 def test_next_commands_name_the_real_paths(tmp_path):

@@ -43,29 +43,31 @@ def test_a_local_gpu_run_with_more_workers_than_gpus_stops_before_ray_starts(tmp
         train.run_training(gpu_config(tmp_path, workers=2))
 
 
+def joined_cluster(monkeypatch, resources: dict[str, float], fit) -> None:
+    """run_training as on a joined cluster with `resources` (never contacted: ensure_ray is faked),
+    with `fit` in place of the training itself."""
+    import ray
+
+    monkeypatch.setattr(train, "ensure_ray", lambda progress=print: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    monkeypatch.setattr(train, "fit", fit)
+
+
 def test_a_joined_cluster_without_enough_gpus_is_refused_before_training(tmp_path, monkeypatch):
     """`ray job submit` / RAY_ADDRESS: the GPUs are the cluster's, known once joined; the run stops
     there, before any data or trainer work."""
-    import ray
-
-    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.1:10001")  # never contacted: ensure_ray is faked
-    monkeypatch.setattr(train, "ensure_ray", lambda progress=print: None)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 3.0})
 
     def no_fit(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train, "fit", no_fit)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.1:10001")
+    joined_cluster(monkeypatch, {"CPU": 32.0, "GPU": 3.0}, no_fit)
     with pytest.raises(ConfigError, match="--gpu --workers 4: .* the cluster has 3; use --workers 3"):
         train.run_training(gpu_config(tmp_path, workers=4))
 
 
 def test_a_cpu_run_on_a_cluster_with_gpus_says_so(tmp_path, monkeypatch):
-    import ray
-
-    monkeypatch.setattr(train, "ensure_ray", lambda progress=print: None)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
-    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: {"fitted": True})
+    joined_cluster(monkeypatch, {"CPU": 8.0, "GPU": 2.0}, lambda *args, **kwargs: {"fitted": True})
     printed: list[str] = []
     cfg = TrainConfig.from_dict({"run": {"storage_path": str(tmp_path), "name": "c"}}).validate()
     assert train.run_training(cfg, progress=printed.append) == {"fitted": True}

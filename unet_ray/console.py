@@ -47,7 +47,7 @@ QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR", "RAY_DISABLE_WORKER_LOG_PREFIX": "1"
 PROGRESS_EVERY_TTY_S = 5.0
 PROGRESS_EVERY_LOG_S = 15.0
 TAG = "[unet-ray]"
-EPOCH_LINES_ONLY = {"lines": True, "verbose": False, "batches": 1, "every_s": float("inf")}
+EPOCH_LINES_ONLY = {"lines": True, "verbose": False, "every_s": float("inf")}
 
 
 def setup(verbose: bool) -> None:
@@ -97,11 +97,11 @@ def train_logging_config():
 # ---------------------------------------------------------------------------------------------
 
 
-def worker_settings(batches: int, lines: bool = True) -> dict[str, Any]:
-    """What rank 0 needs to print progress: built by the driver, sent in train_loop_config.
-    `batches`: each worker's batches per epoch (data.steps_per_epoch). `lines=False` (Tune
-    trials) keeps the workers silent: the sweep prints trial events."""
-    return {"lines": lines, "verbose": is_verbose(), "batches": batches, "every_s": progress_every_s()}
+def worker_settings(lines: bool = True) -> dict[str, Any]:
+    """What rank 0 needs to print progress: built by the driver, sent in train_loop_config (the
+    worker adds its group's batches per epoch: an elastic group's size may change). `lines=False`
+    (Tune trials) keeps the workers silent: the sweep prints trial events."""
+    return {"lines": lines, "verbose": is_verbose(), "every_s": progress_every_s()}
 
 
 def quiet_train_worker(settings: dict[str, Any]) -> None:

@@ -58,9 +58,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from unet_ray import jsonfile, palette
+from unet_ray.runfiles import HISTORY_FILE, RUNS_DIR
 from unet_ray.config import ConfigError
 
-HISTORY_FILE = "history.jsonl"  # train.HISTORY_FILE (train imports this module)
 STATE_FILE = "tracking.json"  # in the run folder: the tracked runs, so that a resumed run continues them
 TENSORBOARD_DIR = "tensorboard"
 DEFAULT_NAME = "unet_ray"  # MLflow experiment and W&B project when the environment names none
@@ -193,7 +193,8 @@ def _short(error: BaseException) -> str:
 
 
 def _verbose() -> bool:
-    """console.is_verbose, read here without importing console (which imports Ray)."""
+    """console.is_verbose, read here: console's Ray helpers would put Ray in this module's imports
+    (the layer contract keeps tracking free of Ray)."""
     return os.environ.get("UNET_RAY_VERBOSE") == "1"
 
 
@@ -762,7 +763,7 @@ class Sweep(Tracked):
         self.trials: dict[str, Tracked] = {}
         self.offsets: dict[str, int] = {}
         self.trial_config = None  # Tune's params -> the trial's whole config (a dict); set by tune.py
-        self.runs_dir = folder / "runs"  # tune.RUNS_DIR: runs/<trial_id>/ holds each trial's Train run
+        self.runs_dir = folder / RUNS_DIR  # runs/<trial_id>/ holds each trial's Train run
 
     def _parent(self) -> dict[str, Any]:
         """What a child run needs of its parents' (those that still work)."""

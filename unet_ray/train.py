@@ -19,11 +19,11 @@ from typing import Any
 
 from unet_ray import jsonfile, tracking
 from unet_ray.config import ConfigError, TrainConfig, storage_uri
+from unet_ray.runfiles import BEST_FILE, HISTORY_FILE
 from unet_ray.raysession import check_gpus, ensure_ray, gpu_notice, local_gpus, root_cause
 
 # CPUs kept free for Ray Data tasks when workers' CPUs are worked out automatically.
 DATA_RESERVE_CPUS = 0.5
-BEST_FILE = "best.json"
 class TrainingFailed(RuntimeError):
     """The run failed; the message carries the first line of the root cause."""
 
@@ -102,9 +102,6 @@ def _val_unequal_data_config():
     # Explicit ingest options (the defaults): Ray Train's own defaults set a deprecated field and
     # the dataset manager warned about it on every run.
     return SplitValUnequally(execution_options=ray.data.ExecutionOptions())
-
-
-HISTORY_FILE = "history.jsonl"
 
 
 def history_callback(run_dir: Path):
@@ -247,11 +244,8 @@ def fit(
             "coarser decoder levels, training only)"
         )
     from unet_ray.console import worker_settings
-    from unet_ray.data import steps_per_epoch
 
-    # each worker group puts its own batch count in (worker.py: the world size may change)
-    batches = steps_per_epoch(meta["counts"]["train"], cfg.run.max_workers, cfg.optim.batch_size)
-    settings = worker_settings(batches, lines=worker_lines)
+    settings = worker_settings(lines=worker_lines)
     trainer = build_trainer(
         cfg,
         datasets,

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from unet_ray import jsonfile, tracking
+from unet_ray.runfiles import BEST_FILE, RUNS_DIR
 from unet_ray.config import SEARCHABLE, ConfigError, TrainConfig, coerce, load_yaml, merge, storage_uri
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
-RUNS_DIR = "runs"
-BEST_FILE = "best.json"
 TRIAL_DRIVER_CPUS = 0.01  # a trial's own process only waits on its TorchTrainer
 
 
@@ -221,10 +220,10 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, progress=print) -> dict[
     # Before Ray: an MLflow or W&B server that cannot be reached stops the sweep here (ConfigError).
     tracked = tracking.start_sweep(base, sweep.search, dataclasses.asdict(sweep.tune), experiment, progress)
     with tracked:  # ends the parent runs: FINISHED, or FAILED (KILLED on Ctrl-C)
-        return _sweep_started(sweep, resume, tracked, progress)
+        return _sweep_started(sweep, resume, storage, experiment, tracked, progress)
 
 
-def _sweep_started(sweep: SweepConfig, resume: bool, tracked, progress) -> dict[str, Any]:
+def _sweep_started(sweep: SweepConfig, resume: bool, storage: str, experiment: Path, tracked, progress) -> dict[str, Any]:
     """run_sweep once everything that can be checked without Ray has been."""
     import ray
     from ray import tune
@@ -234,8 +233,6 @@ def _sweep_started(sweep: SweepConfig, resume: bool, tracked, progress) -> dict[
     from unet_ray.raysession import check_gpus, ensure_ray
 
     base = sweep.base
-    storage = storage_uri(base.run.storage_path)
-    experiment = Path(storage) / base.run.name
     ensure_ray(progress)
     check_gpus(base.run.min_workers, base.run.gpu, ray.cluster_resources(), per="trial")
     experiment.mkdir(parents=True, exist_ok=True)
@@ -276,7 +273,6 @@ def _sweep_started(sweep: SweepConfig, resume: bool, tracked, progress) -> dict[
     # the trials' tracked runs: started, fed and ended by tracking_callback from `tracked`
     base_config = base.to_dict()
     tracked.trial_config = lambda params: trial_config(base_config, params, str(prepared)).to_dict()
-    tracked.runs_dir = experiment / RUNS_DIR
     tracking.set_current_sweep(tracked)
     try:
         results = tuner.fit()

@@ -30,13 +30,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from unet_ray.runfiles import BEST_FILE, HISTORY_FILE, RUNS_DIR
+
 STATE_GLOB = "experiment_state-*.json"
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
-HISTORY_FILE = "history.jsonl"  # written by unet_ray.train.history_callback
-RUNS_DIR = "runs"  # unet_ray.tune.RUNS_DIR
-BEST_FILE = "best.json"
 # Tune rewrites experiment_state-*.json every 10 s or more often while its controller runs; a
 # folder untouched for this long belongs to a sweep that is not running any more.
 LIVE_SECONDS = 90.0
