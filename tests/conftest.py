@@ -3,12 +3,23 @@ guard that fails a test which starts Ray."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import io
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 from unet_ray import pairs
@@ -135,3 +146,126 @@ def jpeg_claiming_a_huge_size(width: int = 8, height: int = 8) -> bytes:
         i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     data[i + 5 : i + 9] = (65000).to_bytes(2, "big") * 2  # height, width
     return bytes(data)
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server on 127.0.0.1 (see the `s3_server` fixture)."""
+
+    endpoint: str
+    env: dict[str, str]
+    process: subprocess.Popen = field(repr=False)
+    log: Path = field(repr=False)
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket `name` (if absent); returns "s3://name"."""
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=self.endpoint, region=self.env["AWS_DEFAULT_REGION"], access_key=self.env["AWS_ACCESS_KEY_ID"],
+            secret_key=self.env["AWS_SECRET_ACCESS_KEY"], allow_bucket_creation=True, connect_timeout=5,
+        )  # fmt: skip
+        fs.create_dir(name)
+        return f"s3://{name}"
+
+    @contextlib.contextmanager
+    def enforce_auth(self):
+        """Make the server check signatures and IAM permissions, as AWS does, inside the block.
+
+        moto accepts any key and signature unless told otherwise (its INITIAL_NO_AUTH_ACTION_COUNT,
+        which /moto-api/reset-auth sets at run time; "inf" by default). With it on, only access
+        keys of moto's IAM users sign correctly, so this creates one, allowed s3:*, and yields
+        (access key id, secret key); self.env's testing-key is then an unknown key. The server is
+        shared by the session, so the block always ends with auth off again."""
+        import boto3
+
+        iam = boto3.client(
+            "iam", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup"
+        )
+        name = f"storage-user-{len(iam.list_users()['Users'])}"
+        iam.create_user(UserName=name)
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName=name, PolicyName="s3-all", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        self._reset_auth("0")
+        try:
+            yield key["AccessKeyId"], key["SecretAccessKey"]
+        finally:
+            self._reset_auth("inf")
+
+    def _reset_auth(self, count: str) -> None:
+        # text/plain: with urllib's default form type, the server would parse the body away
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200, response.read()
+
+
+def _wait_for_moto(process: subprocess.Popen, endpoint: str, log: Path, last_try: bool) -> bool:
+    """True once the server answers (at most 60 s); False if it exited early (a taken port) and
+    this is not the last try."""
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            if not last_try:
+                return False
+            pytest.fail(f"moto server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                pytest.fail(f"moto server did not answer on {endpoint} within 60 s: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API for the session: moto's server in a subprocess on 127.0.0.1, with
+    .endpoint, .env (the AWS variables that point a client at it), .make_bucket(name) and
+    .enforce_auth(). Its process group is killed at the end. A subprocess given .env should not
+    inherit the machine's other AWS_* variables (AWS_ENDPOINT_URL_S3 would win over .env's)."""
+    if importlib.util.find_spec("moto") is None:  # not imported here: the server runs in its own process
+        pytest.skip("needs moto[server] (the test extra)")
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    for attempt in range(3):  # another process may take the free port before the server binds it
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True,
+            )  # fmt: skip
+        if _wait_for_moto(process, endpoint, log, last_try=attempt == 2):
+            break
+    try:
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret-9f3Kq2",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",  # the SDKs read it before AWS_DEFAULT_REGION
+            # no instance-metadata lookups, and no ~/.aws profile of the machine's user
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": str(log.parent / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(log.parent / "no-aws-credentials"),
+        }
+        yield S3Server(endpoint=endpoint, env=env, process=process, log=log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """`s3_server.env` in os.environ for this test (and no other AWS setting of the machine)."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server

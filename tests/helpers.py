@@ -1,10 +1,13 @@
 """Process helpers for tests: kill a `unet-ray` command and the local Ray it started; see which
-addresses the processes of a Ray listen on."""
+addresses the processes of a Ray listen on; find a free port."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,3 +101,21 @@ def descendants(pid: int) -> list[int]:
         found.append(todo.pop())
         todo.extend(children.get(found[-1], []))
     return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """`python -m unet_ray.cli ARGS` in its own session, killed with its local Ray at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "unet_ray.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
