@@ -2,6 +2,7 @@
 and (optionally) accuracy for a fixed time budget on real pairs.
 
     python -m benchmarks.run [--quick] [--out DIR] [--real-data DIR]
+    python -m benchmarks.run --streaming [--quick]   (the two ingest paths: benchmarks/streaming.py)
 
 Everything is measured in this one run on this machine; nothing is hard-coded. Writes
 DIR/<machine>.json and DIR/<machine>.md.
@@ -175,6 +176,9 @@ def replicate_prepared(prepared: Path, target: Path, copies: int) -> Path:
 
     meta = json.loads((prepared / "meta.json").read_text())
     meta["counts"]["train"] *= copies
+    meta["class_pixels"] = [c * copies for c in meta["class_pixels"]]
+    train_bytes = sum(f.stat().st_size for f in (prepared / "train").glob("*.parquet"))
+    meta["bytes"] += (copies - 1) * train_bytes
     (target / "train").mkdir(parents=True)
     shutil.copytree(prepared / "val", target / "val")
     for copy in range(copies):
@@ -481,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small settings (< 3 min on 2 cores)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for <machine>.json and .md")
     parser.add_argument("--real-data", help="folder of real pair JPEGs (no train/val subfolders) for accuracy-for-time")
+    parser.add_argument("--streaming", action="store_true",
+                        help="compare the streaming and in-memory ingest paths (images/s, driver peak RSS)")
     quality.add_arguments(parser)
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
@@ -490,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.real_data:
             parser.error("--quality needs --real-data DIR (a folder of pair JPEGs, e.g. the data set's train/)")
         return quality.run_quality(args, out, machine_name())
+    if args.streaming:
+        from benchmarks.streaming import run_streaming
+
+        return run_streaming(args.quick, out, machine_name())
     started = time.perf_counter()
 
     import ray
@@ -559,9 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         result["startup"] = startup(s, prepared, tmp / "runs")
     result["total_s"] = time.perf_counter() - started
 
-    stem = out / result["machine"]
+    return write_reports(out / result["machine"], result, markdown(result))
+
+
+def write_reports(stem: Path, result: dict[str, Any], table: str) -> int:
+    """STEM.json (every figure) and STEM.md (the table), and the table on stdout."""
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
     stem.with_suffix(".md").write_text(table)
     print(table)
     log(f"wrote {stem}.json and {stem}.md in {result['total_s']:.0f}s")

@@ -222,6 +222,34 @@ def _history_line(rows: list[dict]) -> str:
 
 @pytest.mark.ray
 @pytest.mark.multinode
+def test_streaming_reads_and_augments_on_both_nodes(two_nodes, tmp_path, monkeypatch):
+    """`--ingest streaming` on head + worker node, data on a path both see: Ray Data's read and
+    augment tasks run on both nodes (Ray's task state), and the run trains every epoch. First in
+    the module: the node-loss tests below replace the worker node."""
+    from unet_ray import pairs, prepare
+
+    c = two_nodes
+    monkeypatch.setattr(prepare, "PART_FILE_BYTES", 8 * (64 * 64 * 4 + 256 * 256))  # 8 rows a file
+    pairs.write_synthetic(tmp_path / "pairs", 64, 16, seed=0)
+    prepare.prepare(tmp_path / "pairs", tmp_path / "prepared", 64, "road", progress=lambda _: None)
+    config = tmp_path / "streamed.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "data": {**SMALL["data"], "augment": "light"}}))
+    storage = tmp_path / "shared"
+    entrypoint = (
+        f"unet-ray train --config {config} --data {tmp_path / 'prepared'} --ingest streaming --workers 2 "
+        f"--epochs 2 --storage-path {storage} --name streamed"
+    )
+    job = _jobs(c).submit_job(entrypoint=entrypoint, submission_id="streamed1")
+    logs = _finished(c, job)
+    assert "data: streaming from" in logs, logs[-3000:]
+    rows = _history(storage / "streamed")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["world_size"] == 2 for r in rows)
+    tasks = [t for t in cluster.state(c, "tasks") if "ReadParquet" in t["name"] and "rows_to_batch" in t["name"]]
+    assert len({t["node_id"] for t in tasks}) == 2, [(t["name"], t["node_id"]) for t in tasks]
+
+
+@pytest.mark.ray
+@pytest.mark.multinode
 def test_a_lost_node_shrinks_the_run_and_a_new_node_grows_it(two_nodes, tmp_path):
     """--workers 1-2 on head + worker node: SIGKILL the worker node's processes in epoch 2; the
     run goes on with the head's worker from its last checkpoint; a node that joins then is used;

@@ -90,7 +90,8 @@ def test_the_headline_jobs_run_first_and_the_gpu_tests_late():
         "ray_throughput/256px_eager", "plain_throughput/256px_eager",
         "ray_throughput/256px_compile", "plain_throughput/256px_compile",
     ]  # fmt: skip
-    assert plan[4] == "train_predict" and set(plan[-2:]) == {"gpu_tests", "max_batch"}
+    # then the streaming ingest path beside the first job, then the end-to-end commands
+    assert plan[4:6] == ["ray_streaming", "train_predict"] and set(plan[-2:]) == {"gpu_tests", "max_batch"}
 
 
 def test_a_job_plan_whose_limits_do_not_add_up_is_refused():

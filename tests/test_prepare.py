@@ -89,3 +89,31 @@ def test_a_lost_part_file_is_not_silently_fewer_rows(tmp_path):
     (tmp_path / "train" / "part-1.parquet").unlink()
     with pytest.raises(DataError, match=r"train holds 3 rows but .*meta.json records 6: part files are missing"):
         read_prepared_split(tmp_path, "train", 8)
+
+
+def test_prepare_from_a_bucket_into_a_bucket_writes_what_a_local_prepare_writes(s3_env, tmp_path):
+    """`unet-ray prepare --src s3://... --out s3://...` (few files: decoded in this process, no Ray):
+    the same rows, meta and class pixel counts as a local prepare of the same files; train rows in
+    part files of whole row groups; a missing source is one line naming the URI."""
+    import json
+
+    from unet_ray import pairs, storage
+    from unet_ray.prepare import ROW_GROUP_ROWS, prepare
+
+    s3_env.make_bucket("prep")
+    pairs.write_synthetic(tmp_path / "pairs", 40, 8, seed=3)
+    storage.upload(tmp_path / "pairs", "s3://prep/pairs")
+    local = prepare(tmp_path / "pairs", tmp_path / "prepared", 32, "road", progress=lambda _: None)
+    remote = prepare("s3://prep/pairs", "s3://prep/prepared", 32, "road", progress=lambda _: None)
+    assert json.loads(storage.read_text("s3://prep/prepared/meta.json")) == remote
+    for key in ("counts", "class_pixels", "bytes", "image_size", "format"):
+        assert remote[key] == local[key], key
+    for split in ("train", "val"):
+        here, there = read_prepared_split(tmp_path / "prepared", split, 32), read_prepared_split("s3://prep/prepared", split, 32)
+        assert all(np.array_equal(here[k], there[k]) for k in here), split
+    import pyarrow.parquet as pq
+
+    part = pq.ParquetFile(tmp_path / "prepared" / "train" / "part-00000.parquet")
+    assert part.metadata.row_group(0).num_rows == min(ROW_GROUP_ROWS, local["counts"]["train"])
+    with pytest.raises(DataError, match=r"s3://prep/nothing/train holds no \.jpg/\.png pair files"):
+        prepare("s3://prep/nothing", "s3://prep/out", 32, "road", progress=lambda _: None)

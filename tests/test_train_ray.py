@@ -61,12 +61,33 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
+    """The module's shared run, on the streaming ingest path (the other runs of the suite are
+    small enough for the in-memory one): its prepared train rows in 8 part files of 8 rows, and
+    the driver unable to read prepared rows (so it holds none)."""
+    from unet_ray import data, prepare
     from unet_ray.train import read_history, run_dir_of, run_training
 
     tmp = tmp_path_factory.mktemp("train")
     cfg = small_config(tmp)
-    summary = run_training(cfg)
+    cfg.data.ingest = "streaming"
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the driver read prepared rows on the streaming path")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare, "PART_FILE_BYTES", 8 * (64 * 64 * 4 + 256 * 256))  # 8 rows a file
+        patch.setattr(data, "read_prepared_split", refused)
+        summary = run_training(cfg)
     return cfg, summary, read_history(run_dir_of(cfg))
+
+
+def test_the_shared_run_streamed_its_data_from_several_files(trained):
+    cfg, _, history = trained
+    prepared = cfg.run.storage_path + "/" + cfg.run.name + "/prepared"
+    from pathlib import Path
+
+    assert len(list(Path(prepared, "train").glob("*.parquet"))) == 8
+    assert len(history) == cfg.optim.epochs  # and the driver read no rows (the fixture refuses it)
 
 
 def test_two_worker_run_learns(trained):
@@ -371,24 +392,28 @@ def test_val_is_shared_by_every_worker_without_dropping_rows(trained):
         assert sum(rows) == 25 and rows[0] >= 25 // workers, rows
 
 
-def test_each_worker_trains_on_rows_from_the_whole_file_order(trained):
-    """Prepared rows are in file order (city order in Cityscapes); a worker trains on whole blocks.
-    Split as train.py splits it, each worker's epoch must hold rows of both halves of the file
-    order, not one contiguous half (what it got before the rows were shuffled: its BatchNorm
-    statistics came from half the cities). The order depends on run.seed alone."""
+@pytest.mark.parametrize("ingest", ["memory", "streaming"])
+def test_each_worker_trains_on_rows_from_the_whole_file_order(trained, ingest):
+    """Pair files are in city order (Cityscapes); a worker trains on whole blocks. Split as
+    train.py splits it, on either ingest path, each worker's epoch must hold rows of both halves
+    of the pair files' order, not one contiguous half (what it got before rows were shuffled: its
+    BatchNorm statistics came from half the cities). The in-memory order depends on run.seed."""
     import threading
 
     import numpy as np
+    import pyarrow.parquet as pq
 
     from unet_ray.data import build_datasets, shuffle_rows
-    from unet_ray.prepared_format import read_prepared_split
+    from unet_ray.prepared_format import prepared_arrays
 
     cfg, _, _ = trained
     prepared = cfg.run.storage_path + "/" + cfg.run.name + "/prepared"
-    stored = read_prepared_split(prepared, "train", 64)["image"]
-    position = {image.tobytes(): i for i, image in enumerate(stored)}  # row -> its place in file order
-    assert len(position) == len(stored) == 64
-    train = build_datasets(prepared, 64, augment=False, workers=2, seed=cfg.run.seed)["train"]
+    table = pq.read_table(prepared + "/train", columns=["id", "image", "mask"])
+    stored = prepared_arrays(table, 64, prepared)["image"]
+    # row -> its pair file's place in file order (synthetic pairs are 1.jpg ... 64.jpg)
+    position = {image.tobytes(): int(i) - 1 for image, i in zip(stored, table["id"].to_pylist())}
+    assert sorted(position.values()) == list(range(64))
+    train = build_datasets(prepared, 64, augment=False, workers=2, seed=cfg.run.seed, ingest=ingest)["train"]
     shards = train.streaming_split(2, equal=True)
     seen: list[list[int]] = [[], []]
 
@@ -408,6 +433,35 @@ def test_each_worker_trains_on_rows_from_the_whole_file_order(trained):
     again = shuffle_rows(columns, seed=1)
     assert (again["b"] == 2 * again["a"]).all() and list(again["a"]) != list(range(10))
     assert (shuffle_rows(columns, seed=1)["a"] == again["a"]).all()
+
+
+def test_streaming_reads_every_row_once_an_epoch_in_a_new_file_order(trained):
+    """On the streaming path each epoch reads every train row once, the part files in a new
+    order; val holds every row with its native-size mask, never augmented."""
+    from unet_ray.data import build_datasets
+    from unet_ray.prepared_format import read_prepared_split
+
+    cfg, _, _ = trained
+    prepared = cfg.run.storage_path + "/" + cfg.run.name + "/prepared"
+    stored = read_prepared_split(prepared, "train", 64)
+    datasets = build_datasets(prepared, 64, augment=False, workers=2, seed=cfg.run.seed, ingest="streaming")
+    file_of = {image.tobytes(): i // 8 for i, image in enumerate(stored["image"])}  # 8 rows a file
+
+    def epoch() -> list[int]:
+        rows = [im.tobytes() for b in datasets["train"].iter_batches(batch_size=None) for im in b["image"]]
+        assert sorted(rows) == sorted(im.tobytes() for im in stored["image"])  # each row once
+        return list(dict.fromkeys(file_of[r] for r in rows))  # the order in which files came
+
+    orders = [epoch() for _ in range(3)]
+    assert all(sorted(order) == list(range(8)) for order in orders)
+    assert len({tuple(order) for order in orders}) >= 2, orders  # the same order 3 times: p = 1/8!^2
+    val = [b for b in datasets["val"].iter_batches(batch_size=None)]
+    stored_val = read_prepared_split(prepared, "val", 64)
+    assert sum(len(b["image"]) for b in val) == 25
+    assert sorted(m.tobytes() for b in val for m in b["mask_native"]) == sorted(m.tobytes() for m in stored_val["mask_native"])
+    augmented = build_datasets(prepared, 64, augment="medium", workers=2, seed=cfg.run.seed, ingest="streaming")
+    changed = [im.tobytes() not in file_of for b in augmented["train"].iter_batches(batch_size=None) for im in b["image"]]
+    assert len(changed) == 64 and sum(changed) >= 40  # expected ~56 (see the next test)
 
 
 def test_augmentation_is_drawn_anew_every_epoch(trained):

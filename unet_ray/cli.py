@@ -11,7 +11,7 @@ from unet_ray import jsonfile
 
 # Flags shared by train (and tune's fixed settings): flag -> (dotted config key, type, help).
 TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--data": ("data.path", str, "pairs folder (train/, val/) or prepared folder; default: built-in synthetic pairs"),
+    "--data": ("data.path", str, "pairs folder (train/, val/) or prepared folder, a path or a URI (s3://...); default: built-in synthetic pairs"),
     "--image-size": ("data.image_size", int, "square size the pairs are resized to (default 128)"),
     "--classes": ("data.classes", str, "label set: road (binary) or cityscapes19"),
     "--workers": ("run.workers", str, "training workers: N (default 2), or MIN-MAX for an elastic group that grows "
@@ -29,6 +29,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--warmup-epochs": ("optim.warmup_epochs", float, "linear warmup, in epochs (fractions allowed)"),
     "--ema-decay": ("optim.ema_decay", float, "EMA of the weights per step, validated and saved (0 = off)"),
     "--augment": ("data.augment", str, "augmentation preset: none, light, medium or strong"),
+    "--ingest": ("data.ingest", str, "how data reaches the workers: auto (by size), memory or streaming (Ray Data reads from storage every epoch)"),
     "--block": ("model.block", str, "UNet block: plain or residual"),
     "--upsample": ("model.upsample", str, "UNet upsampling: transpose or bilinear"),
     "--deep-supervision": ("model.deep_supervision", float, "loss weight of heads on the coarser decoder levels (deep supervision; 0 = off, the default)"),
@@ -95,15 +96,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from unet_ray.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigError, check_image_size
     from unet_ray.prepare import needs_ray, prepare
     from unet_ray.raysession import ensure_ray
 
     if not check_image_size(args.image_size):
         raise ConfigError(f"--image-size {args.image_size}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
-    if needs_ray(Path(args.src)):  # missing or empty train/, val/: a DataError here, before Ray
+    check_uris(("source", args.src, True), ("output folder", args.out, False))
+    if needs_ray(args.src):  # missing or empty train/, val/: a DataError here, before Ray
         ensure_ray()
     prepare(args.src, args.out, args.image_size, args.classes, args.skip_bad_files)
     return 0
@@ -117,9 +117,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_uris(*given: tuple[str, str | None, bool]) -> None:
+    """Probe each (role, path or URI, must exist) that is a URI (storage.py) before any work: a bad
+    URI, a missing bucket or object, refused credentials or an endpoint that does not answer stop
+    the command with one line naming the URI, redacted. Local paths are checked where they are used."""
+    from unet_ray import storage
+
+    for what, uri, must_exist in given:
+        if uri is not None and storage.is_uri(uri):
+            storage.check(uri, must_exist=must_exist, what=what)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from unet_ray.evaluate import evaluate_checkpoint
 
+    check_uris(("checkpoint", args.checkpoint, True), ("data", args.data, True))
     result = evaluate_checkpoint(
         args.checkpoint, args.data, args.split, args.batch_size, args.skip_bad_files, flip_tta=args.tta
     )
@@ -141,6 +153,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from unet_ray.predict import PredictionFailed, predict
 
+    # before the model is loaded and Ray starts
+    check_uris(("checkpoint", args.checkpoint, True), *(("input", i, True) for i in args.input), ("output folder", args.out, False))
     try:
         summary = predict(
             args.checkpoint, args.input, args.out, workers=args.workers, gpu=args.gpu, overlay=args.overlay,
@@ -220,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="pairs folder -> Parquet with Ray Data")
-    p.add_argument("--src", required=True, help="pairs folder with train/ and val/")
-    p.add_argument("--out", required=True)
+    p.add_argument("--src", required=True, help="pairs folder with train/ and val/: a local path or a URI (s3://...)")
+    p.add_argument("--out", required=True, help="prepared folder to write: a local path or a URI (s3://...)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--classes", default="road", choices=["road", "cityscapes19"])
     p.add_argument("--skip-bad-files", action="store_true")
@@ -242,8 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a pairs or prepared folder, as JSON")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, state.pt, or a run folder (uses its best.json)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, state.pt, or a run folder (uses its best.json); a local path or a URI "
+                        "(s3://bucket/runs/NAME, ...; fetched into a local cache)")
+    p.add_argument("--data", required=True,
+                   help="pairs folder (train/, val/) or prepared folder: a local path or a URI (s3://bucket/data, ...)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--skip-bad-files", action="store_true")
@@ -259,10 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         "predicted from their left half and scored against the right half: the IoU printed equals "
         "`unet-ray evaluate` on the same files. Unreadable files are skipped and listed in OUT/skipped.txt.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, state.pt, or a run/Tune folder (its best.json)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder, state.pt, or a run/Tune folder (its best.json); a local path or a URI "
+                        "(s3://bucket/runs/NAME, ...; each model actor fetches it into a local cache)")
     p.add_argument("--input", required=True, nargs="+", metavar="DIR_OR_FILE",
-                   help="photo files, photo folders (searched recursively) or pairs folders (train/, val/)")
-    p.add_argument("--out", required=True, help="output folder (also gets summary.json and skipped.txt)")
+                   help="photo files, photo folders (searched recursively) or pairs folders (train/, val/); local "
+                        "paths or URIs (s3://bucket/photos, ...: the actors read the files themselves)")
+    p.add_argument("--out", required=True,
+                   help="output folder (also gets summary.json and skipped.txt): a local path or a URI "
+                        "(s3://bucket/masks, ...: the actors write the PNGs there)")
     p.add_argument("--workers", type=int, default=2,
                    help="model actors (default 2); with --gpu they share the GPUs, a fraction each: "
                         "one decodes its photos while another's batch runs on the GPU")
@@ -339,13 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     from unet_ray.config import ConfigError
     from unet_ray.pairs import BadPairError
     from unet_ray.prepared_format import DataError
+    from unet_ray.storage import StorageError
 
     args = build_parser().parse_args(argv)
     if args.command in RAY_COMMANDS:
         from unet_ray import console
 
         console.setup(args.verbose)  # before Ray is imported: see console.py
-    known = (ConfigError, DataError, CheckpointError, BadPairError, FileNotFoundError, PermissionError)
+    # StorageError: a URI that cannot be used, one line with credentials redacted
+    known = (ConfigError, DataError, CheckpointError, BadPairError, StorageError, FileNotFoundError, PermissionError)
     try:
         return args.func(args)
     except known as e:

@@ -29,6 +29,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "poly", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 CLASS_WEIGHTINGS = ("auto", "none", "inverse_log")
+# data.ingest: how training data reaches the workers (data.py). "memory": the driver reads the
+# prepared rows once and puts them in the object store; "streaming": Ray Data read tasks on the
+# cluster's nodes stream them from storage every epoch; "auto" picks by size.
+INGEST_MODES = ("auto", "memory", "streaming")
 TRACKING_TOOLS = ("mlflow", "tensorboard", "wandb")  # run.tracking; tracking.py sends the runs there
 MIN_BOTTLENECK = 2  # pixels left at the bottom of the UNet
 # Default batch per worker. 8 on CPUs (measured: larger batches gave no more images/s on 2 cores).
@@ -69,6 +73,7 @@ class DataSection:
     classes: str = "road"  # "road" (binary, as in the tutorial) or "cityscapes19"
     augment: str = "light"  # preset: none, light, medium, strong (transforms.AUGMENT_PRESETS); true = medium
     skip_bad_files: bool = False
+    ingest: str = "auto"  # auto, memory or streaming (INGEST_MODES)
     synth_train: int = 96  # size of the built-in synthetic data set
     synth_val: int = 32
 
@@ -306,6 +311,7 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
         f"model.depth={m.depth} is too deep for data.image_size={d.image_size}: the size must be a multiple "
         f"of 2**depth={2**m.depth} and leave at least {MIN_BOTTLENECK} pixels at the bottom",
     )
+    need(d.ingest in INGEST_MODES, f"data.ingest={d.ingest!r}: choose one of {', '.join(INGEST_MODES)}")
     need(d.augment in AUGMENT_PRESETS, f"data.augment={d.augment!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
     need(m.block in MODEL_BLOCKS, f"model.block={m.block!r}: choose one of {', '.join(MODEL_BLOCKS)}")
     need(m.upsample in UPSAMPLERS, f"model.upsample={m.upsample!r}: choose one of {', '.join(UPSAMPLERS)}")
@@ -340,7 +346,8 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
         need(tool in TRACKING_TOOLS, f"run.tracking: unknown tool {tool!r}; choose from {', '.join(TRACKING_TOOLS)}")
     r.tracking = list(dict.fromkeys(r.tracking))  # each tool once
     need(bool(r.name) and "/" not in r.name and r.name not in (".", ".."), f"run.name={r.name!r}: must be a plain folder name")
-    if check_paths and d.path is not None and "://" not in d.path:
+    # a URI (or a mistyped one, "s3:/x") is checked with storage.py, which names what is wrong
+    if check_paths and d.path is not None and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", d.path):
         need(Path(d.path).expanduser().exists(), f"data.path={d.path}: no such folder")
 
 

@@ -1,9 +1,19 @@
-"""Ray Data datasets for training and validation, built from a prepared folder.
+"""Ray Data datasets for training and validation, built from a prepared folder, on one of two
+ingest paths (data.ingest; "auto" picks by size, see choose_ingest):
 
-train: Parquet (read by the driver) -> arrays -> one block per CPU, put in the object store
-       (kept there for the run: no epoch reads or decodes again) -> joint augmentation,
-       re-run and re-drawn on every epoch.
-val:   the same without augmentation.
+memory:    Parquet (read by the driver) -> arrays -> one block per CPU, put in the object store
+           (kept there for the run: no epoch reads or decodes again) -> joint augmentation,
+           re-run and re-drawn on every epoch. Quick to start; the driver holds the data 2-3x.
+streaming: Ray Data read tasks on the cluster's nodes read the part files from storage every
+           epoch (a row group per block, the files in a new random order each epoch), and the
+           same tasks turn them into arrays and augment them; blocks stream through the object
+           store (bounded by Ray Data's backpressure) to the workers. The driver holds no rows.
+val:       the same without augmentation (in memory: split among the workers once).
+
+Where rows are mixed, on both paths: the prepared train rows are in a fixed random order
+(prepare.py), so every block holds rows from the whole data set; each epoch the blocks (memory)
+or files (streaming) come in a new random order, and each worker mixes the rows of the blocks
+it receives in a shuffle buffer of a few batches (worker.shuffled_batches).
 
 Also resolves what `--data` points at (nothing, a pairs folder, a prepared folder) into a prepared
 folder, preparing it on the way when needed.
@@ -20,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from unet_ray import pairs
-from unet_ray.config import TrainConfig
+from unet_ray import pairs, storage
+from unet_ray.config import TrainConfig, storage_uri
 from unet_ray.prepare import DATA_TASK_CPUS, prepare
 from unet_ray.prepared_format import (
     FORMAT,
@@ -30,12 +40,20 @@ from unet_ray.prepared_format import (
     DataError,
     check_compatible,
     looks_prepared,
+    prepared_arrays,
     read_meta,
     read_prepared_split,
 )
 from unet_ray.transforms import JointAugment
 
 BATCH_ROWS = 64  # rows per Ray Data batch for the decode and augment stages
+
+
+# "auto" keeps the data in memory up to this share of the cluster's object store (the blocks stay
+# there for the whole run, beside what training itself puts in it) and this many bytes (the
+# driver holds 2-3 copies while it builds the blocks); larger data streams.
+MEMORY_INGEST_STORE_SHARE = 0.25
+MEMORY_INGEST_MAX_BYTES = 2 * 2**30
 
 
 @lru_cache(maxsize=4)
@@ -53,22 +71,92 @@ def augment_batch(batch: dict[str, np.ndarray], image_size: int, preset: str = "
     return _augmenter(image_size, preset)(batch)
 
 
-def class_pixel_counts(prepared: str | Path, image_size: int, num_classes: int) -> list[int]:
+def class_pixel_counts(meta: dict[str, Any], num_classes: int) -> list[int]:
     """How many training pixels each class has (ignored pixels left out): what class weights are
-    computed from. For the road task, [rest, road]."""
-    masks = read_prepared_split(prepared, "train", image_size)["mask"]
-    counts = np.bincount(masks.ravel(), minlength=256)
-    return [int(c) for c in counts[:num_classes]]
+    computed from, counted by prepare (meta.json). For the road task, [rest, road]."""
+    return [int(c) for c in meta["class_pixels"][:num_classes]]
+
+
+def choose_ingest(mode: str, meta: dict[str, Any], object_store_bytes: float) -> tuple[str, str]:
+    """("memory" or "streaming", the reason in words) for data.ingest `mode` and prepared data
+    described by `meta` on a cluster with `object_store_bytes` of object store."""
+    size = meta["bytes"]
+    held = f"{size / 2**30:.2f} GB prepared, object store {object_store_bytes / 2**30:.1f} GB"
+    if mode != "auto":
+        return mode, f"data.ingest={mode}; {held}"
+    if size <= min(MEMORY_INGEST_STORE_SHARE * object_store_bytes, MEMORY_INGEST_MAX_BYTES):
+        return "memory", f"{held}: small enough to hold (--ingest streaming streams it)"
+    limit = f"{MEMORY_INGEST_STORE_SHARE:.0%} of the store or {MEMORY_INGEST_MAX_BYTES / 2**30:g} GB"
+    return "streaming", f"{held}: more than {limit}"
 
 
 def build_datasets(
-    prepared: str | Path, image_size: int, augment: str | bool, workers: int = 1, seed: int = 0
+    prepared: str | Path,
+    image_size: int,
+    augment: str | bool,
+    workers: int = 1,
+    seed: int = 0,
+    ingest: str = "memory",
 ) -> dict[str, Any]:
     """train and val as Ray Data datasets. `augment`: a transforms.AUGMENT_PRESETS name (True:
     "medium", False: "none"); `workers`: how many training workers will share val; `seed`: the
-    row order of train's blocks (shuffle_rows)."""
+    row order of train's blocks (shuffle_rows), or of its files each epoch (streaming);
+    `ingest`: "memory" or "streaming" (see the module's docstring)."""
     if isinstance(augment, bool):
         augment = "medium" if augment else "none"
+    if ingest == "streaming":
+        return _streaming_datasets(prepared, image_size, augment, seed)
+    return _memory_datasets(prepared, image_size, augment, workers, seed)
+
+
+def _streaming_datasets(prepared: str | Path, image_size: int, augment: str, seed: int) -> dict[str, Any]:
+    import ray
+    from ray.data import DataContext
+
+    datasets = {}
+    for split in pairs.SPLITS:
+        columns = ["image", "mask"] + (["mask_native"] if split == "val" else [])
+        # Ray 2.60's default Parquet reader (V2) lists the files in a task of its own that asks
+        # for a whole CPU, which `num_cpus` does not reach: beside two training workers on 2 CPUs
+        # it never runs and training waits forever (seen). The V1 reader lists in the driver and
+        # its read tasks ask for DATA_TASK_CPUS. The dataset keeps the context it was made with.
+        context = DataContext.get_current()
+        v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        filesystem, path = storage.resolve(storage.join(prepared, split))  # a local folder or a URI
+        try:
+            ds = ray.data.read_parquet(
+                path,
+                filesystem=filesystem,
+                columns=columns,
+                # a new file order every epoch (reseeded per execution), reproducible from the seed
+                shuffle=ray.data.FileShuffleConfig(seed=seed) if split == "train" else None,
+                num_cpus=DATA_TASK_CPUS,
+            )
+        finally:
+            context.use_datasource_v2 = v2
+        # bytes -> arrays -> augmented arrays. With as many part files as read tasks (data
+        # sets of more than a few files) Ray fuses this with the read into one task, on the node
+        # that read the rows; a small set, read in fewer tasks and split, gets tasks of its own.
+        ds = ds.map_batches(
+            rows_to_batch,
+            fn_kwargs={"image_size": image_size, "preset": augment if split == "train" else "none"},
+            batch_format="pyarrow",
+            batch_size=None,  # a whole block: one row group
+            num_cpus=DATA_TASK_CPUS,
+        )
+        datasets[split] = ds
+    return datasets
+
+
+def rows_to_batch(rows: Any, image_size: int, preset: str = "none") -> dict[str, np.ndarray]:
+    """Prepared rows (an Arrow table) -> uint8 arrays, augmented with `preset` ("none": as they are)."""
+    arrays = prepared_arrays(rows, image_size, "prepared rows")
+    if preset == "none":
+        return {name: np.array(a) for name, a in arrays.items()}  # writable copies of the Arrow buffers
+    return augment_batch(arrays, image_size, preset)
+
+
+def _memory_datasets(prepared: str | Path, image_size: int, augment: str, workers: int, seed: int) -> dict[str, Any]:
     import ray
     from ray.data.block import BlockAccessor
 
@@ -133,25 +221,45 @@ def _block_count(rows: int, cpus: int) -> int:
 
 
 def check_source(cfg: TrainConfig) -> None:
-    """Cheap checks of `data.path`, run before Ray starts: a missing folder, an empty or missing
-    train/ or val/, foreign Parquet, or data prepared for another label set or size."""
+    """Cheap checks of `data.path` (a folder or a URI), run before Ray starts: a missing folder,
+    bucket or object, refused credentials, an empty or missing train/ or val/, foreign Parquet, or
+    data prepared for another label set or size."""
     if cfg.data.path is None:
         return
-    source = Path(cfg.data.path).expanduser()
-    if not source.exists():
-        raise DataError(f"data folder {source} does not exist")
+    source = _source(cfg.data.path)
     if looks_prepared(source) or not pairs.is_pairs_folder(source):
-        check_compatible(read_meta(source), source, cfg.data.classes, cfg.data.image_size)
+        check_compatible(read_meta(source), storage.redact(source), cfg.data.classes, cfg.data.image_size)
     else:
         for split in pairs.SPLITS:
             _count_files(source, split)
 
 
-def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[Path, dict[str, Any]]:
-    """The prepared folder this run trains on, and its meta.
+def _source(path: str) -> str | Path:
+    """`data.path` as a local Path or a URI, checked to be there (DataError: one line)."""
+    if storage.is_uri(path):
+        try:
+            storage.check(path, must_exist=True, what="data")
+        except storage.StorageError as e:
+            raise DataError(str(e)) from None
+        return path
+    source = Path(path).expanduser().resolve()
+    if not source.exists():
+        raise DataError(f"data folder {source} does not exist")
+    return source
+
+
+def prepared_target(cfg: TrainConfig, run_dir: Path) -> str | Path:
+    """Where a run prepares its data: <storage path>/<name>/prepared, on object storage too (the
+    streaming path's read tasks on every node read it from there)."""
+    base = storage_uri(cfg.run.storage_path)
+    return storage.join(base, cfg.run.name, "prepared") if storage.is_uri(base) else run_dir / "prepared"
+
+
+def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[str | Path, dict[str, Any]]:
+    """The prepared folder (a local Path or a URI) this run trains on, and its meta.
 
     - no data.path: synthetic pairs written (once, seeded) under run_dir, then prepared;
-    - a pairs folder: prepared under run_dir/prepared, reused while source and settings match;
+    - a pairs folder: prepared into prepared_target, reused while source and settings match;
     - a prepared folder: used as is, after checking its label set and image size.
     """
     d = cfg.data
@@ -161,35 +269,34 @@ def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[P
             progress(f"data: no --data given; writing {d.synth_train}+{d.synth_val} synthetic pairs to {source}")
             pairs.write_synthetic(source, d.synth_train, d.synth_val, seed=cfg.run.seed)
     else:
-        source = Path(d.path).expanduser().resolve()
-        if not source.exists():
-            raise DataError(f"data folder {source} does not exist")
+        source = _source(d.path)
         if looks_prepared(source) or not pairs.is_pairs_folder(source):
             meta = read_meta(source)
-            check_compatible(meta, source, d.classes, d.image_size)
+            check_compatible(meta, storage.redact(source), d.classes, d.image_size)
             return source, meta
 
-    target = run_dir / "prepared"
+    target = prepared_target(cfg, run_dir)
     wanted = {
         "format": FORMAT,  # data prepared by an older version is prepared again
-        "source": str(source.resolve()),
+        "source": storage.redact(source),
         "classes": d.classes,
         "image_size": d.image_size,
         "source_files": {s: _count_files(source, s) for s in pairs.SPLITS},
     }
-    if (target / META_FILE).is_file():
-        meta = json.loads((target / META_FILE).read_text())
+    meta_file = storage.join(target, META_FILE)
+    if storage.is_file(meta_file):
+        meta = json.loads(storage.read_text(meta_file))
         # Data prepared with --skip-bad-files is reused only by runs that allow skipping too.
         skips_allowed = d.skip_bad_files or not meta.get("skipped")
         if all(meta.get(k) == v for k, v in wanted.items()) and skips_allowed:
-            skipped = f"; {meta['skipped']} bad files left out, see {target / SKIPPED_FILE}" if meta.get("skipped") else ""
-            progress(f"data: reusing {target} (prepared from {source}{skipped})")
+            skipped = f"; {meta['skipped']} bad files left out, see {storage.join(target, SKIPPED_FILE)}" if meta.get("skipped") else ""
+            progress(f"data: reusing {storage.redact(target)} (prepared from {storage.redact(source)}{skipped})")
             return target, meta
     meta = prepare(source, target, d.image_size, d.classes, d.skip_bad_files, progress=progress)
     return target, meta
 
 
-def _count_files(root: Path, split: str) -> int:
+def _count_files(root: str | Path, split: str) -> int:
     try:
         return len(pairs.list_pairs(root, split))
     except FileNotFoundError as e:

@@ -2,10 +2,12 @@
 
 Reads the same rows training validates on: a prepared folder's Parquet as stored, or a pairs
 folder decoded exactly as `prepare` does, so the IoU here equals the IoU that N workers report.
+Checkpoint and data may be local paths or object-storage URIs (storage.py).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_ray import engine, metrics, palette
+from unet_ray import engine, metrics, palette, storage
 from unet_ray.checkpoint import load_model
 from unet_ray.pairs import BadPairError, is_pairs_folder, list_pairs, read_pair
 from unet_ray.prepared_format import DataError, check_compatible, looks_prepared, read_meta, read_prepared_split
@@ -28,25 +30,27 @@ def iter_split(
     batch_size: int = 32,
     skipped: list[str] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """uint8 image/mask tensor batches of `split` from a pairs folder or a prepared folder, with
-    `mask_native` (the mask at the pair's own 256x256) where the source has it: always for pairs,
-    for the val split of a prepared folder.
+    """uint8 image/mask tensor batches of `split` from a pairs folder or a prepared folder (a local
+    path or a URI), with `mask_native` (the mask at the pair's own 256x256) where the source has
+    it: always for pairs, for the val split of a prepared folder.
 
     A bad pair file raises a DataError naming it; when a `skipped` list is given, bad files are
-    left out and their messages appended to it instead.
+    left out and their messages appended to it instead. Messages name URIs redacted.
     """
-    data = Path(data).expanduser()
-    if not data.exists():
-        raise DataError(f"data folder {data} does not exist")
-    if is_pairs_folder(data) and not looks_prepared(data):
+    remote = storage.is_uri(data)
+    data = os.fspath(data) if remote else Path(data).expanduser()
+    shown = storage.redact(data)
+    if not (storage.exists(data) if remote else data.exists()):
+        raise DataError(f"data folder {shown} does not exist")
+    if is_pairs_folder(data) and not looks_prepared(data):  # each takes URIs too
         try:
-            files = list_pairs(data, split)
+            files = list_pairs(data, split)  # URIs for a URI
         except FileNotFoundError as e:
             raise DataError(str(e)) from None
         images, masks, native = [], [], []
         for path in files:
             try:
-                pair = read_pair(path)
+                pair = read_pair(path)  # a URI's bytes are read with storage.read_bytes
             except BadPairError as e:
                 if skipped is None:
                     raise DataError(f"{e} (pass --skip-bad-files to leave such files out)") from None
@@ -62,7 +66,7 @@ def iter_split(
         if images:
             yield _batch(images, masks, native)
         return
-    check_compatible(read_meta(data), data, label_set, image_size)
+    check_compatible(read_meta(data), shown, label_set, image_size)
     arrays = read_prepared_split(data, split, image_size)
     for start in range(0, len(arrays["image"]), batch_size):
         yield {k: torch.from_numpy(a[start : start + batch_size].copy()) for k, a in arrays.items()}
@@ -80,7 +84,8 @@ def evaluate_checkpoint(
     skip_bad_files: bool = False,
     flip_tta: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of `checkpoint` on `data`; the label set and image size come from the checkpoint.
+    """Metrics of `checkpoint` on `data` (each a local path or a URI); the label set and image size
+    come from the checkpoint.
 
     val_* figures compare with the masks at the training size; val_*_native (where the data has
     the pairs' own masks) with the 256x256 masks, the logits upsampled bilinearly. With
@@ -105,7 +110,7 @@ def evaluate_checkpoint(
     )
     pixels = int(confusion["train_size"].mat.sum())
     if pixels == 0:
-        raise DataError(f"{data}: the {split} split has no labelled pixels to evaluate")
+        raise DataError(f"{storage.redact(data)}: the {split} split has no labelled pixels to evaluate")
     scores = confusion["train_size"].compute()
     names = palette.class_names(cfg.data.classes)
     native_figures = {}
@@ -117,8 +122,8 @@ def evaluate_checkpoint(
             "val_iou_per_class_native": dict(zip(names, native_scores["iou_per_class"])),
         }
     return {
-        "checkpoint": str(checkpoint),
-        "data": str(data),
+        "checkpoint": storage.redact(os.fspath(checkpoint)),  # no credentials in the output
+        "data": storage.redact(os.fspath(data)),
         "split": split,
         "classes": cfg.data.classes,
         "epoch": state["epoch"],

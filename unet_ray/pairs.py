@@ -9,12 +9,12 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from unet_ray import palette
+from unet_ray import palette, storage
 
 PAIR_HEIGHT, PAIR_WIDTH = 256, 512
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -33,8 +33,18 @@ class Pair:
     train_ids: np.ndarray  # (256, 256) uint8 Cityscapes train ids, 255 = ignored
 
 
-def list_pairs(root: str | os.PathLike, split: str) -> list[Path]:
-    """The image files of `root/split`, sorted by name (numerically where names are numbers)."""
+def list_pairs(root: str | os.PathLike, split: str) -> list[Path] | list[str]:
+    """The image files of `root/split`, sorted by name (numerically where names are numbers).
+    `root`: a local folder (Paths back) or a URI of object storage (URIs back, storage.py)."""
+    if storage.is_uri(root):
+        folder = storage.join(root, split)
+        try:
+            files = storage.list_files(folder, IMAGE_SUFFIXES, recursive=False)
+        except storage.StorageError:
+            files = []
+        if not files:
+            raise FileNotFoundError(f"{storage.redact(folder)} holds no .jpg/.png pair files (a pairs folder needs {'/ and '.join(SPLITS)}/)")
+        return sorted(files, key=lambda uri: _name_order(uri_stem(uri)))
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: a pairs folder needs {'/ and '.join(SPLITS)}/")
@@ -43,10 +53,21 @@ def list_pairs(root: str | os.PathLike, split: str) -> list[Path]:
     files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
     if not files:
         raise FileNotFoundError(f"{folder} holds no .jpg/.png pair files")
-    return sorted(files, key=lambda p: (len(p.stem), p.stem) if p.stem.isdigit() else (1 << 30, p.stem))
+    return sorted(files, key=lambda p: _name_order(p.stem))
+
+
+def uri_stem(uri: str) -> str:
+    """The file name of a URI (or path) without its suffix or query: s3://b/x/12.jpg -> "12"."""
+    return PurePosixPath(str(uri).split("?")[0]).stem
+
+
+def _name_order(stem: str) -> tuple[int, str]:
+    return (len(stem), stem) if stem.isdigit() else (1 << 30, stem)
 
 
 def is_pairs_folder(root: str | os.PathLike) -> bool:
+    if storage.is_uri(root):
+        return any(storage.is_dir(storage.join(root, split)) for split in SPLITS)
     return (Path(root) / "train").is_dir() or (Path(root) / "val").is_dir()
 
 
@@ -84,6 +105,13 @@ def decode_pair(data: bytes, name: str) -> Pair:
 
 
 def read_pair(path: str | os.PathLike) -> Pair:
+    """Read and decode one pair file: a local path or a URI (storage.py; messages name it redacted)."""
+    if storage.is_uri(path):
+        try:
+            data = storage.read_bytes(path)
+        except storage.StorageError as e:  # its message starts with the redacted URI
+            raise BadPairError(str(e)) from None
+        return decode_pair(data, storage.redact(path))
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -12,21 +12,28 @@ write `<name>_mask.png` (class ids), `<name>_color.png` (Cityscapes colours) and
 Pair files (256x512 photo | colour mask) are predicted from their left half and scored against
 their right half at the model's resolution, decoded exactly as `unet-ray evaluate` decodes them,
 so the IoU printed here equals evaluate's on the same files.
+
+Checkpoint, inputs and output folder may each be a local path or an object-storage URI
+(storage.py). With URIs the driver only lists: each actor fetches the checkpoint into its node's
+cache (checkpoint.fetch), reads its own input files' bytes (storage.read_bytes) and writes its
+PNGs as single objects (storage.write_bytes); the driver writes skipped.txt as a stream and
+summary.json at the end. Every path or URI printed or written is redacted (storage.redact).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import time
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
 
 import numpy as np
 
-from unet_ray import jsonfile, palette
-from unet_ray.pairs import PAIR_HEIGHT, PAIR_WIDTH, SPLITS, BadPairError, decode_pair, is_pairs_folder, list_pairs
+from unet_ray import jsonfile, palette, storage
+from unet_ray.pairs import PAIR_HEIGHT, PAIR_WIDTH, SPLITS, BadPairError, decode_pair, is_pairs_folder, list_pairs, uri_stem
 from unet_ray.prepared_format import DataError
 
 # What a plain photo folder is searched for (a pairs folder keeps pairs.IMAGE_SUFFIXES).
@@ -71,27 +78,33 @@ def list_inputs(
     Files under `out` are left out, so predicting into the input folder does not re-read masks.
     A name that is still taken gets -2, -3, ... appended; the second value then names the input of
     each of the names involved (the one that kept the name, too), so outputs can be traced back.
+    Inputs may be URIs (storage.py): listed the same way, item paths are URIs, and the second
+    value names them redacted.
     """
     if kind not in INPUT_KINDS:
         raise DataError(f"input kind {kind!r}: choose one of {', '.join(INPUT_KINDS)}")
     if not inputs:
         raise DataError("no inputs given")
-    out_dir = Path(out).expanduser().resolve() if out is not None else None
+    out_dir = None if out is None or storage.is_uri(out) else Path(out).expanduser().resolve()
+    out_uri = os.fspath(out) if out is not None and storage.is_uri(out) else None
     items: list[dict[str, str]] = []
     taken: dict[str, str] = {}  # output name -> input path
     collisions: dict[str, str] = {}
 
-    def add(path: Path, name: str, item_kind: str, split: str = "") -> None:
+    def add(path: Path | str, name: str, item_kind: str, split: str = "") -> None:
         unique, n = name, 1
         while unique in taken:
             n += 1
             unique = f"{name}-{n}"
-        taken[unique] = str(path)
+        taken[unique] = storage.redact(str(path))
         if unique != name:
-            collisions[name], collisions[unique] = taken[name], str(path)
+            collisions[name], collisions[unique] = taken[name], taken[unique]
         items.append({"path": str(path), "name": unique, "kind": item_kind, "split": split})
 
     for given in inputs:
+        if storage.is_uri(given):
+            _list_uri(given, kind, out_uri, len(inputs) > 1, add)
+            continue
         path = Path(given).expanduser().resolve()
         if not path.exists():
             raise DataError(f"input {given} does not exist")
@@ -117,12 +130,49 @@ def list_inputs(
             for file in files:
                 add(file, "_".join(prefix + file.relative_to(path).with_suffix("").parts), kind)
     if not items:
-        raise DataError(f"no image files ({', '.join(PHOTO_SUFFIXES)}) in {', '.join(inputs)}")
+        raise DataError(f"no image files ({', '.join(PHOTO_SUFFIXES)}) in {', '.join(storage.redact(i) for i in inputs)}")
     return items, collisions
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
     return folder is not None and (path == folder or folder in path.parents)
+
+
+def _list_uri(given: str, kind: str, out_uri: str | None, prefixed: bool, add) -> None:
+    """list_inputs for one input URI: a file, a pairs folder or a folder of photos (recursive),
+    named as a local input of the same shape would be."""
+    shown = storage.redact(given)
+    if storage.is_file(given):
+        add(given, uri_stem(given), kind)
+        return
+    if not storage.exists(given):
+        raise DataError(f"input {shown} does not exist")
+    if is_pairs_folder(given):
+        for split in SPLITS:
+            try:
+                files = list_pairs(given, split)
+            except FileNotFoundError:  # no such split, or an empty one: nothing to predict there
+                files = []
+            for file in files:
+                add(file, f"{split}_{uri_stem(file)}", "pair", split)
+        return
+    fs, base = storage.resolve(given)
+    base = base.rstrip("/")
+    out_path = None
+    if out_uri is not None:
+        out_fs, out_path = storage.resolve(out_uri)
+        out_path = out_path.rstrip("/") if type(out_fs) is type(fs) else None
+    # with several inputs, the folder's own name keeps a/1.jpg and b/1.jpg apart
+    prefix = (base.rsplit("/", 1)[-1],) if prefixed else ()
+    # list_files gives each file as the folder's URI (before its query) + "/" + the relative path
+    # + the folder's query: the relative path is cut out of that, without resolving every file
+    head, sep, query = given.partition("?")
+    start, end = len(head.rstrip("/")) + 1, len(sep + query)
+    for file in storage.list_files(given, PHOTO_SUFFIXES, recursive=True):
+        relative = file[start : len(file) - end]
+        if out_path is not None and f"{base}/{relative}".startswith(out_path + "/"):
+            continue  # an earlier run's outputs inside the input folder
+        add(file, "_".join(prefix + PurePosixPath(relative).with_suffix("").parts), kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,10 +186,17 @@ def read_input(path: str, kind: str = "auto") -> tuple[np.ndarray, np.ndarray | 
     kind "pair": must be a pair file; "photo": any image, used whole; "auto": a pair file when it is
     256x512 and its right half is a colour mask, else a photo. Raises BadInputError.
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if storage.is_uri(path):  # read here, in the actor: the driver never holds the photos
+        try:
+            data = storage.read_bytes(path)
+        except storage.StorageError as e:  # one line that starts with the redacted URI
+            raise BadInputError(str(e)) from None
+        path = storage.redact(path)
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise BadInputError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not data:
         raise BadInputError(f"{path}: empty file (0 bytes)")
     if kind == "pair" or (kind == "auto" and _image_size(data) == (PAIR_WIDTH, PAIR_HEIGHT)):
@@ -178,9 +235,16 @@ def decode_photo(data: bytes, name: str) -> np.ndarray:
         raise BadInputError(f"{name}: not a readable image ({e})") from None
 
 
-def output_paths(out: str | os.PathLike, name: str, overlay: bool) -> list[Path]:
+def output_paths(out: str | os.PathLike, name: str, overlay: bool) -> list[Path] | list[str]:
+    """The output files of input `name`: Paths in a local `out`, URIs in a URI `out`."""
     suffixes = OUTPUT_SUFFIXES + ((OVERLAY_SUFFIX,) if overlay else ())
+    if storage.is_uri(out):
+        return [storage.join(out, f"{name}{suffix}") for suffix in suffixes]
     return [Path(out) / f"{name}{suffix}" for suffix in suffixes]
+
+
+def _is_file(path: Path | str) -> bool:
+    return storage.is_file(path) if storage.is_uri(path) else Path(path).is_file()
 
 
 def overlay_image(photo: np.ndarray, color: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
@@ -191,11 +255,18 @@ def overlay_image(photo: np.ndarray, color: np.ndarray, alpha: float = OVERLAY_A
     return np.where(coloured, np.rint(blended), photo).astype(np.uint8)
 
 
-def save_png(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path | str) -> None:
     """Written under a temporary name and renamed: a killed run never leaves a half PNG that
-    --skip-existing would take for a finished one."""
+    --skip-existing would take for a finished one. To a URI: encoded in memory (the same bytes)
+    and written as one object, which object storage makes visible whole or not at all."""
     from PIL import Image
 
+    if storage.is_uri(path):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        storage.write_bytes(path, buffer.getvalue())
+        return
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         Image.fromarray(array).save(tmp, format="PNG")
@@ -235,7 +306,8 @@ class Predictor:
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.model, cfg, _ = load_model(checkpoint, self.device)
         self.size, self.label_set, self.num_classes = cfg.data.image_size, cfg.data.classes, cfg.num_classes
-        self.out, self.overlay, self.skip_existing = Path(out), overlay, skip_existing
+        self.out = out if storage.is_uri(out) else Path(out)
+        self.overlay, self.skip_existing = overlay, skip_existing
         self.flip_tta = flip_tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -247,7 +319,7 @@ class Predictor:
         # truth at model size or None): large photos are not kept a whole batch long without need
         loaded = []
         for i, (path, name, kind) in enumerate(zip(batch["path"], batch["name"], batch["kind"])):
-            if self.skip_existing and all(p.is_file() for p in output_paths(self.out, name, self.overlay)):
+            if self.skip_existing and all(_is_file(p) for p in output_paths(self.out, name, self.overlay)):
                 status[i] = "exists"
                 continue
             try:
@@ -264,8 +336,9 @@ class Predictor:
                     confusion[i], has_truth[i] = confusion_counts(truth, pred, k), True
                 try:
                     self._write(batch["name"][i], shape, pred, photo)
-                except OSError as e:
-                    status[i], errors[i] = "unwritten", f"{batch['path'][i]}: outputs cannot be written to {self.out} ({e})"
+                except (OSError, storage.StorageError) as e:
+                    where, out = storage.redact(batch["path"][i]), storage.redact(str(self.out))
+                    status[i], errors[i] = "unwritten", f"{where}: outputs cannot be written to {out} ({e})"
         return {
             "path": batch["path"],
             "split": batch["split"],
@@ -419,8 +492,9 @@ def predict(
     progress=print,
 ) -> dict[str, Any]:
     """Predict every input file into `out`; returns (and writes to out/summary.json) the summary.
-    Raises DataError when every input was skipped (the summary and skipped.txt are written first)."""
-    from unet_ray.checkpoint import load_model, resolve
+    Raises DataError when every input was skipped (the summary and skipped.txt are written first).
+    `checkpoint`, each input and `out` may be local paths or URIs (see the module docstring)."""
+    from unet_ray.checkpoint import load_model, locate
     from unet_ray.raysession import ensure_ray
 
     # Checked before anything starts: an impossible count should not wait for the model or Ray.
@@ -428,20 +502,29 @@ def predict(
         raise DataError(f"--workers {workers}: must be >= 1")
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be >= 1")
-    # Load once here so a bad checkpoint stops the run with a clear message before Ray starts.
-    _, cfg, state = load_model(checkpoint)
-    state_file = str(resolve(checkpoint).resolve())
-    out = Path(out).expanduser().resolve()
+    # Load once here so a bad checkpoint stops the run with a clear message before Ray starts. The
+    # actors get its state.pt (a path, or a URI each one fetches), not a run folder's best.json,
+    # which a training run still going may change meanwhile.
+    state_file = locate(checkpoint)
+    _, cfg, state = load_model(state_file)
+    remote = storage.is_uri(out)
+    out = os.fspath(out) if remote else Path(out).expanduser().resolve()
+    shown_out, skipped_list = storage.redact(str(out)), storage.join(out, SKIPPED_FILE)
     items, name_collisions = list_inputs(inputs, kind, out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SKIPPED_FILE).write_text("")  # also proves the folder is writable, before Ray starts
+        if remote:
+            storage.write_text(skipped_list, "")  # also proves the folder is writable, before Ray starts
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / SKIPPED_FILE).write_text("")
     except OSError as e:
         raise DataError(f"output folder {out} cannot be written ({e.strerror or e})") from None
+    except storage.StorageError as e:
+        raise DataError(f"output folder cannot be written: {e}") from None
     total = len(items)
     progress(
-        f"predict: {total} files -> {out} (model {cfg.data.image_size}px, {cfg.data.classes}, "
-        f"epoch {state['epoch']} of {state_file})"
+        f"predict: {total} files -> {shown_out} (model {cfg.data.image_size}px, {cfg.data.classes}, "
+        f"epoch {state['epoch']} of {storage.redact(state_file)})"
     )
 
     ensure_ray(progress)
@@ -482,7 +565,7 @@ def predict(
     every = max(1, min(1000, total // 20))
     start = last_shown = time.perf_counter()
     shown_done = 0
-    with open(out / SKIPPED_FILE, "w") as skipped_file:
+    with _text_writer(skipped_list) as skipped_file:
         try:
             for rows in ds.iter_batches(batch_size=None, batch_format="numpy"):  # one block at a time
                 for message in tally.add(rows):
@@ -501,10 +584,10 @@ def predict(
     skipped = tally.skipped()
     if skipped:
         more = f" ({skipped - SKIPPED_SHOWN} not shown above)" if skipped > SKIPPED_SHOWN else ""
-        progress(f"skipped {skipped} of {total} files{more}; listed in {out / SKIPPED_FILE}")
+        progress(f"skipped {skipped} of {total} files{more}; listed in {storage.redact(skipped_list)}")
     summary = {
-        "checkpoint": state_file,
-        "out": str(out),
+        "checkpoint": storage.redact(state_file),
+        "out": shown_out,
         "classes": cfg.data.classes,
         "image_size": cfg.data.image_size,
         "inputs": total,
@@ -516,15 +599,63 @@ def predict(
         **({"name_collisions": name_collisions} if name_collisions else {}),
         "pairs": tally.pairs,
         **tally.scores(),
-        "skipped_list": str(out / SKIPPED_FILE),
+        "skipped_list": storage.redact(skipped_list),
         "seconds": round(seconds, 2),
         "files_per_s": round(tally.done() / max(seconds, 1e-9), 2),
     }
-    (out / SUMMARY_FILE).write_text(jsonfile.dumps(summary, indent=2))
+    if remote:
+        storage.write_text(storage.join(out, SUMMARY_FILE), jsonfile.dumps(summary, indent=2))
+    else:
+        (out / SUMMARY_FILE).write_text(jsonfile.dumps(summary, indent=2))
     if skipped == total:
         # Nothing came out: a job must end FAILED, not look like a finished run.
-        raise DataError(f"none of the {total} files could be predicted; every one was skipped (reasons in {out / SKIPPED_FILE})")
+        raise DataError(
+            f"none of the {total} files could be predicted; every one was skipped (reasons in {storage.redact(skipped_list)})"
+        )
     return summary
+
+
+class _StreamText:
+    """write(str) onto a pyarrow output stream (object storage has no appending to a file)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        self.stream.write(text.encode("utf-8"))
+
+
+def _unwritable(target: str, error: BaseException) -> DataError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DataError(f"{storage.redact(target)} cannot be written ({reason})")
+
+
+@contextlib.contextmanager
+def _text_writer(target: Path | str) -> Iterator[Any]:
+    """A text file written line by line as results arrive: a local file, or for a URI one object
+    streamed (buffered, then a multipart upload past a few MB; complete when closed), so that the
+    driver never holds all the lines."""
+    if not storage.is_uri(target):
+        with open(target, "w") as f:
+            yield f
+        return
+    import pyarrow as pa
+
+    fs, path = storage.resolve(target)
+    try:
+        stream = fs.open_output_stream(path)
+    except (OSError, pa.ArrowException) as e:
+        raise _unwritable(target, e) from None
+    try:
+        yield _StreamText(stream)
+    except BaseException:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            stream.close()  # what was written so far, as a local file keeps it
+        raise
+    try:
+        stream.close()  # the upload completes here
+    except (OSError, pa.ArrowException) as e:
+        raise _unwritable(target, e) from None
 
 
 def _root_cause(error: BaseException) -> str:

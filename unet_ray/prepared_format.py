@@ -1,6 +1,6 @@
 """The prepared format (see prepare.py for its layout): reading a prepared folder's rows as uint8
-arrays and checking its meta.json. Plain pyarrow and NumPy, no Ray: `evaluate`, the dashboard and
-the training driver read prepared data through here.
+arrays and checking its meta.json, on a local path or a URI (storage.py). Plain pyarrow and
+NumPy, no Ray: `evaluate`, the dashboard and the training driver read prepared data through here.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from unet_ray import storage
 from unet_ray.pairs import PAIR_HEIGHT, SPLITS
 
 META_FILE = "meta.json"
 SKIPPED_FILE = "skipped.txt"
-FORMAT = "unet_ray.prepared/2"  # /2: val rows carry mask_native
+FORMAT = "unet_ray.prepared/3"  # /2: val rows carry mask_native; /3: shuffled train rows, class_pixels
 NATIVE_SIZE = PAIR_HEIGHT  # each half of a pair is 256x256
 
 
@@ -59,56 +60,69 @@ def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> di
 
 
 def read_prepared_split(prepared: str | os.PathLike, split: str, image_size: int) -> dict[str, np.ndarray]:
-    """One split of a prepared folder as uint8 arrays (see `prepared_arrays`), read in this
-    process with pyarrow: no Ray tasks (training reads it in the driver, evaluate without Ray)."""
+    """One split of a prepared folder (a local path or a URI) as uint8 arrays (see
+    `prepared_arrays`), read in this process with pyarrow: no Ray tasks (the in-memory ingest path
+    reads it in the driver, evaluate without Ray)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = Path(prepared) / split
+    folder = storage.join(prepared, split)
     try:
+        fs, path = storage.resolve(folder)
         columns = ["image", "mask"] + (["mask_native"] if split == "val" else [])
-        table = pq.read_table(folder, columns=columns)
+        table = pq.read_table(path, columns=columns, filesystem=fs)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{folder}: cannot read the prepared Parquet files ({e}); prepare the data again") from None
+        reason = storage.redact(str(e))
+        raise DataError(f"{storage.redact(folder)}: cannot read the prepared Parquet files ({reason}); prepare the data again") from None
     # A lost or truncated part file would otherwise train or score on fewer rows, silently.
-    meta_file = Path(prepared) / META_FILE
-    expected = json.loads(meta_file.read_text()).get("counts", {}).get(split) if meta_file.is_file() else None
+    meta_file = storage.join(prepared, META_FILE)
+    expected = json.loads(storage.read_text(meta_file)).get("counts", {}).get(split) if storage.is_file(meta_file) else None
     if expected is not None and table.num_rows != expected:
         raise DataError(
-            f"{folder} holds {table.num_rows} rows but {meta_file} records {expected}: "
+            f"{storage.redact(folder)} holds {table.num_rows} rows but {storage.redact(meta_file)} records {expected}: "
             "part files are missing or damaged; prepare the data again"
         )
-    return prepared_arrays(table, image_size, folder)
+    return prepared_arrays(table, image_size, storage.redact(folder))
+
+
+def _parquet_files(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
+    try:
+        return storage.list_files(folder, ".parquet", recursive=recursive)
+    except storage.StorageError:  # no such folder
+        return []
 
 
 def looks_prepared(folder: str | os.PathLike) -> bool:
-    """A meta.json, or Parquet files where pairs would be: treat as prepared (read_meta checks it)."""
-    folder = Path(folder)
-    return (folder / META_FILE).is_file() or any(folder.glob("*.parquet")) or any(
-        any((folder / split).glob("*.parquet")) for split in SPLITS  # inner any(): a generator is always truthy
+    """A meta.json, or Parquet files where pairs would be: treat as prepared (read_meta checks it).
+    `folder`: a local path or a URI."""
+    return storage.is_file(storage.join(folder, META_FILE)) or bool(_parquet_files(folder)) or any(
+        _parquet_files(storage.join(folder, split)) for split in SPLITS
     )
 
 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """meta.json of a prepared folder, or a DataError saying why the folder is not one."""
-    folder = Path(folder).expanduser()
-    meta_file = folder / META_FILE
-    if not meta_file.is_file():
-        if any(folder.rglob("*.parquet")):
+    """meta.json of a prepared folder (a local path or a URI), or a DataError saying why the
+    folder is not one."""
+    folder = folder if storage.is_uri(folder) else Path(folder).expanduser()
+    shown = storage.redact(folder)
+    meta_file = storage.join(folder, META_FILE)
+    if not storage.is_file(meta_file):
+        if _parquet_files(folder, recursive=True):
             raise DataError(
-                f"{folder} holds Parquet files but no {META_FILE}: it was not written by `unet-ray prepare`. "
+                f"{shown} holds Parquet files but no {META_FILE}: it was not written by `unet-ray prepare`. "
                 "Point --data at a pairs folder (train/ and val/ JPEGs) or at a prepared folder."
             )
-        raise DataError(f"{folder} is neither a pairs folder (train/, val/) nor a prepared folder ({META_FILE})")
+        raise DataError(f"{shown} is neither a pairs folder (train/, val/) nor a prepared folder ({META_FILE})")
+    shown_meta = storage.redact(meta_file)
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(storage.read_text(meta_file))
     except ValueError as e:
-        raise DataError(f"{meta_file} is not valid JSON ({e})") from None
+        raise DataError(f"{shown_meta} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{meta_file} was not written by this version of `unet-ray prepare` (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        raise DataError(f"{shown_meta} was not written by this version of `unet-ray prepare` (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
     for split in SPLITS:
-        if not any((folder / split).glob("*.parquet")):
-            raise DataError(f"{folder / split} holds no Parquet files: the prepared folder is incomplete; prepare it again")
+        if not _parquet_files(storage.join(folder, split)):
+            raise DataError(f"{storage.redact(storage.join(folder, split))} holds no Parquet files: the prepared folder is incomplete; prepare it again")
     return meta
 
 

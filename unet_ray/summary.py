@@ -19,21 +19,23 @@ from unet_ray.console import duration
 def run_and_report(cfg, progress=print) -> dict[str, Any]:
     """`unet-ray train`: the run (train.run_training), then its result, report page and next
     commands."""
-    from unet_ray.train import run_dir_of, run_training
+    from unet_ray.train import object_storage_dir, run_dir_of, run_training
 
     started = time.perf_counter()
 
     def finish(summary: dict[str, Any], tracked) -> None:  # while the tracked runs are open
-        finish_train(summary, run_dir_of(cfg), cfg.data.path, time.perf_counter() - started, progress, tracked)
+        finish_train(summary, run_dir_of(cfg), cfg.data.path, time.perf_counter() - started, progress, tracked,
+                     object_storage_dir(cfg))  # fmt: skip
 
     return run_training(cfg, progress, finish=finish)
 
 
 def finish_train(summary: dict[str, Any], run_dir: Path, data: str | None, seconds: float, progress=print,
-                 tracked=None) -> None:  # fmt: skip
+                 tracked=None, storage_dir: str | None = None) -> None:  # fmt: skip
     """The end of `unet-ray train`: the result, the run's report page, the next commands.
     `tracked` (tracking.Tracked): gets the report page, the best checkpoint as its model and, in
-    the run's TensorBoard files, a few predicted masks."""
+    the run's TensorBoard files, a few predicted masks. `storage_dir`: the run's folder on object
+    storage (checkpoints, prepared data and a copy of best.json are there), if it has one."""
     from unet_ray.dashboard.report import write_report
     from unet_ray.dashboard.results import DashboardError
 
@@ -54,7 +56,7 @@ def finish_train(summary: dict[str, Any], run_dir: Path, data: str | None, secon
         track_train_end(tracked, summary, run_dir, data, report)
         for line in tracked.lines():
             progress(line)
-    for line in next_commands(run_dir, data, report):
+    for line in next_commands(run_dir, data, report, storage_dir):
         progress(line)
 
 
@@ -67,9 +69,11 @@ def track_train_end(tracked, summary: dict[str, Any], run_dir: Path, data: str |
     from unet_ray.checkpoint import resolve
     from unet_ray.dashboard.predictions import NUM_SAMPLES, predict_samples
 
+    from unet_ray import storage
+
     prepared = run_dir / "prepared"
     if not prepared.is_dir() and data:  # trained on a prepared folder given with --data
-        prepared = Path(data).expanduser()
+        prepared = data if storage.is_uri(data) else Path(data).expanduser()
     try:
         rows, _, _, epoch = predict_samples(resolve(summary["checkpoint"]), prepared, NUM_SAMPLES)
         strips = [(f"predictions/{i}", np.concatenate([r["photo"], r["truth"], r["prediction"]], axis=1))
@@ -83,28 +87,31 @@ def track_train_end(tracked, summary: dict[str, Any], run_dir: Path, data: str |
         tracked.log_model(summary["checkpoint"])
 
 
-def next_commands(run_dir: Path, data: str | None, report: Path | None) -> list[str]:
+def next_commands(run_dir: Path, data: str | None, report: Path | None, storage_dir: str | None = None) -> list[str]:
     """The commands to look at a finished train run or sweep (`run_dir`: the run's or the
     experiment's folder; `checkpoint` arguments take either), with its real paths. `report`: the
-    page already written, if any."""
+    page already written, if any. `storage_dir`: the run's folder on object storage, if any."""
+    from unet_ray import storage
     from unet_ray.prepared_format import looks_prepared
 
     q = shlex.quote
-    run = str(run_dir)
+    run = storage_dir or str(run_dir)
     if data is None:  # built-in synthetic pairs
-        eval_data, photos = run_dir / "prepared", run_dir / "synthetic_pairs" / "val"
+        eval_data = storage.join(storage_dir, "prepared") if storage_dir else run_dir / "prepared"
+        photos = run_dir / "synthetic_pairs" / "val"
     else:
-        eval_data = Path(data).expanduser()
-        photos = None if looks_prepared(eval_data) else eval_data / "val"
+        eval_data = data if storage.is_uri(data) else Path(data).expanduser()
+        photos = None if looks_prepared(eval_data) else storage.join(eval_data, "val")
     lines = [
         "next:",
         f"  unet-ray evaluate --checkpoint {q(run)} --data {q(str(eval_data))}",
         f"  unet-ray predict --checkpoint {q(run)} --input {q(str(photos)) if photos else 'PHOTOS_DIR'} "
         f"--out {q(str(run_dir / 'predictions'))}",
-        f"  unet-ray report --results {q(run)} --out {q(str(report or run_dir / 'report.html'))}"
+        # the report, the dashboard and TensorBoard read the driver's own copy of the run's files
+        f"  unet-ray report --results {q(str(run_dir))} --out {q(str(report or run_dir / 'report.html'))}"
         + ("   (written already; again for a fresh copy)" if report else ""),
-        f"  unet-ray dashboard --results {q(run)}",
-        f"  tensorboard --logdir {q(run)}",
+        f"  unet-ray dashboard --results {q(str(run_dir))}",
+        f"  tensorboard --logdir {q(str(run_dir))}",
     ]
     return lines
 

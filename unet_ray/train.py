@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_ray import jsonfile, tracking
+from unet_ray import storage as storage_module  # `storage` is the storage path string in this module
 from unet_ray.config import ConfigError, TrainConfig, storage_uri
 from unet_ray.runfiles import BEST_FILE, HISTORY_FILE
 from unet_ray.raysession import check_gpus, ensure_ray, gpu_notice, local_gpus, root_cause
@@ -104,18 +105,36 @@ def _val_unequal_data_config():
     return SplitValUnequally(execution_options=ray.data.ExecutionOptions())
 
 
-def history_callback(run_dir: Path):
+def history_callback(run_dir: Path, storage_dir: str | None = None):
     """A Ray Train callback (it runs in the controller, once per report) that appends each epoch's
-    metrics and checkpoint path to run_dir/history.jsonl: the record of a run across restarts."""
+    metrics and checkpoint path to run_dir/history.jsonl: the record of a run across restarts.
+    `storage_dir`: the run's folder on object storage, where a copy of the file is put each time."""
     from ray.train import UserCallback
 
     class WriteHistory(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            row = {**metrics[0], "checkpoint": checkpoint.path if checkpoint else None, "time": time.time()}
+            where = checkpoint_uri(checkpoint.path, storage_dir) if checkpoint else None
+            row = {**metrics[0], "checkpoint": where, "time": time.time()}
             with open(run_dir / HISTORY_FILE, "a") as f:
                 f.write(jsonfile.dumps(row) + "\n")
+            if storage_dir is not None:
+                storage_module.upload(run_dir / HISTORY_FILE, storage_module.join(storage_dir, HISTORY_FILE))
 
     return WriteHistory()
+
+
+def checkpoint_uri(path: str, storage_dir: str | None) -> str:
+    """A checkpoint's path as Ray reports it, as a URI when the run's storage is object storage
+    (Ray gives the path within the filesystem: "bucket/runs/r/checkpoint_...")."""
+    if storage_dir is None or storage_module.is_uri(path):
+        return path
+    return f"{storage_dir.split('://', 1)[0]}://{path.lstrip('/')}"
+
+
+def object_storage_dir(cfg: TrainConfig) -> str | None:
+    """<storage path>/<name> when the storage path is a URI (s3://, gs://, ...), else None."""
+    base = storage_uri(cfg.run.storage_path)
+    return storage_module.join(base, cfg.run.name) if storage_module.is_uri(base) else None
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -148,6 +167,7 @@ def build_trainer(
     from unet_ray.worker import train_loop_per_worker
 
     res = plan_resources(cfg, ray.cluster_resources().get("CPU", 0))
+    storage_filesystem, storage_path = storage_module.resolve(storage) if storage_module.is_uri(storage) else (None, storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -161,7 +181,7 @@ def build_trainer(
             "console": console,
             "class_weights": class_weights,
             "deadline": deadline,
-            "storage_dir": f"{storage.rstrip('/')}/{run_name}",  # named when a checkpoint cannot be written
+            "storage_dir": storage_module.redact(f"{storage.rstrip('/')}/{run_name}"),  # named when a checkpoint cannot be written
         },
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -173,7 +193,9 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage,
+            # object storage through our filesystem (storage.py: the AWS variables, short timeouts)
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.keep_checkpoints,
                 checkpoint_score_attribute="val_iou",
@@ -217,8 +239,11 @@ def fit(
     """
     from ray.data import DataContext
 
-    from unet_ray.data import build_datasets, class_pixel_counts, resolve_prepared
+    import ray
 
+    from unet_ray.data import build_datasets, choose_ingest, class_pixel_counts, resolve_prepared
+
+    storage_dir = storage_module.join(storage, run_name) if storage_module.is_uri(storage) else None
     # Our own per-epoch lines show progress; Ray Data's bars flood logs that are not terminals.
     # Set here, not in ensure_ray, so that Tune trial processes get it too.
     DataContext.get_current().enable_progress_bars = False
@@ -228,13 +253,16 @@ def fit(
         f"data: {meta['counts']['train']} train / {meta['counts']['val']} val pairs at {meta['image_size']}px, "
         f"label set {meta['classes']}"
     )
-    # val in one block per worker of the largest group (a smaller one takes several blocks each)
-    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.max_workers, seed=cfg.run.seed)
+    ingest, why = choose_ingest(cfg.data.ingest, meta, ray.cluster_resources().get("object_store_memory", 0))
+    progress(f"data: {'streaming from ' + str(prepared) if ingest == 'streaming' else 'held in memory'} ({why})")
+    # val (in memory) in one block per worker of the largest group (a smaller one takes several each)
+    datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.max_workers,
+                              seed=cfg.run.seed, ingest=ingest)  # fmt: skip
     weights = None
     if cfg.class_weighting != "none":
         from unet_ray.losses import class_weights
 
-        class_pixels = class_pixel_counts(prepared, cfg.data.image_size, cfg.num_classes)
+        class_pixels = class_pixel_counts(meta, cfg.num_classes)
         weights = class_weights(class_pixels, cfg.class_weighting).tolist()
         named = ", ".join(f"{name} {w:.1f}" for name, w in zip(meta["class_names"], weights))
         progress(f"loss: class weights ({cfg.class_weighting}, from the training pixels): {named}")
@@ -252,7 +280,7 @@ def fit(
         meta,
         run_name,
         storage,
-        [history_callback(run_dir), *callbacks],
+        [history_callback(run_dir, storage_dir), *callbacks],
         console=settings,
         class_weights=weights,
         deadline=deadline,
@@ -266,23 +294,43 @@ def fit(
         raise TrainingFailed(f"training run {run_name} failed: {root_cause(e)}") from e
     if result.error is not None:
         raise TrainingFailed(f"training run {run_name} failed: {root_cause(result.error)}")
-    return summarize(result, run_dir)
+    return summarize(result, run_dir, storage_dir)
 
 
-def summarize(result, run_dir: Path) -> dict[str, Any]:
-    """Pick the best checkpoint by val_iou and write best.json in the run folder."""
+def summarize(result, run_dir: Path, storage_dir: str | None = None) -> dict[str, Any]:
+    """Pick the best checkpoint by val_iou and write best.json in the run folder (and, for a run
+    on object storage, in its folder there: what `evaluate --checkpoint s3://...` reads)."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("val_iou") is not None]
     if not candidates:
         raise TrainingFailed(f"run in {run_dir} finished without a checkpoint")
     best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val_iou"])
     summary = {
-        "checkpoint": best_ckpt.path,
+        "checkpoint": checkpoint_uri(best_ckpt.path, storage_dir),
         "metrics": {k: v for k, v in best_metrics.items() if not isinstance(v, (dict,))},
         "last_metrics": dict(result.metrics or {}),
-        "run_path": result.path,
+        "run_path": checkpoint_uri(result.path, storage_dir),
     }
     jsonfile.write_atomic(run_dir / BEST_FILE, summary)
+    if storage_dir is not None:
+        storage_module.upload(run_dir / BEST_FILE, storage_module.join(storage_dir, BEST_FILE))
     return summary
+
+
+def check_storage(cfg: TrainConfig) -> None:
+    """Before any Ray work: URIs that carry credentials are refused (they would be printed and
+    saved with the config); an object-storage path's bucket must exist and take our keys."""
+    for key, value in (("run.storage_path", cfg.run.storage_path), ("data.path", cfg.data.path)):
+        if value and storage_module.is_uri(value) and storage_module.redact(value) != value:
+            raise ConfigError(
+                f"{key}={storage_module.redact(value)}: credentials in a URI would be printed and saved with the "
+                "run's config; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the store's own variables) instead"
+            )
+    base = storage_uri(cfg.run.storage_path)
+    if storage_module.is_uri(base):
+        try:
+            storage_module.check(base, must_exist=False, what="storage path")
+        except storage_module.StorageError as e:
+            raise ConfigError(str(e)) from None
 
 
 def run_training(cfg: TrainConfig, progress=print, finish=None) -> dict[str, Any]:
@@ -293,6 +341,7 @@ def run_training(cfg: TrainConfig, progress=print, finish=None) -> dict[str, Any
     from unet_ray.data import check_source
 
     cfg.validate()
+    check_storage(cfg)
     check_source(cfg)  # bad data is a clear error before any Ray work
     run_dir = run_dir_of(cfg)
     if "://" not in storage_uri(cfg.run.storage_path):  # a local run folder can be read before Ray starts
@@ -327,4 +376,7 @@ def _run_started(cfg: TrainConfig, run_dir: Path, deadline, tracked, finish, pro
                   tracked=tracked)
     if finish is not None:
         finish(summary, tracked)
+    storage_dir = object_storage_dir(cfg)
+    if storage_dir is not None and (run_dir / "report.html").is_file():  # the report `finish` wrote
+        storage_module.upload(run_dir / "report.html", storage_module.join(storage_dir, "report.html"))
     return summary
