@@ -28,6 +28,10 @@ else:  # the test extra installs tomli on 3.10
     import tomli as tomllib
 
 from helpers import listening_addresses
+from test_tracking import client as mlflow_client
+from test_tracking import mlflow_server  # noqa: F401  (a fixture: the sweep job's MLflow server)
+from test_tracking import numeric, wandb_run
+from test_tracking import read_history as read_rows
 from unet_ray import cluster
 from unet_ray.checkpoint import resolve
 from unet_ray.raysession import ONE_MACHINE_RAY_ENV
@@ -167,24 +171,86 @@ def test_a_job_gets_the_one_machine_settings(one_node):
     assert json.loads(seen.removeprefix("seen=")) == ONE_MACHINE_RAY_ENV
 
 
+@pytest.fixture(scope="module")
+def sweep_job(one_node, mlflow_server, tmp_path_factory):
+    """`unet-ray tune --tracking mlflow,wandb` as a Ray job: smoke.yaml cut to 2 trials of 2 epochs,
+    sent to a real MLflow server (tests/test_tracking.py's) and to W&B offline. One sweep for the
+    job checks here and the tracking checks (tests/test_tracking.py runs the train-run ones)."""
+    uri, _ = mlflow_server
+    tmp = tmp_path_factory.mktemp("sweep_job")
+    smoke = yaml.safe_load((REPO / "tune_configs" / "smoke.yaml").read_text())
+    smoke["optim"]["epochs"] = 2  # before ASHA's first rung (3): every trial runs to the end
+    config = tmp / "smoke2.yaml"
+    config.write_text(yaml.safe_dump(smoke))
+    tracking_env = [f"MLFLOW_TRACKING_URI={uri}", "MLFLOW_EXPERIMENT_NAME=sweep-test", "WANDB_MODE=offline",
+                    f"WANDB_DIR={tmp / 'wandb'}"]  # fmt: skip
+    entrypoint = ["env", *tracking_env, "unet-ray", "tune", "--config", str(config), "--num-samples", "2",
+                  "--storage-path", str(tmp / "results"), "--name", "sweep", "--tracking", "mlflow,wandb"]  # fmt: skip
+    result = submit(one_node, entrypoint, "sweep1")
+    return {"uri": uri, "result": result, "experiment": tmp / "results" / "sweep", "tmp": tmp}
+
+
 @pytest.mark.ray
-def test_tune_job_succeeds_and_writes_under_storage_path(one_node, tmp_path):
+def test_tune_job_succeeds_and_writes_under_storage_path(one_node, sweep_job):
     from ray.job_submission import JobStatus
 
-    # smoke.yaml cut to 2 epochs: what is checked here is the sweep as a job (tests/test_tune.py
-    # runs the whole smoke sweep, and what ASHA does with it)
-    smoke = yaml.safe_load((REPO / "tune_configs" / "smoke.yaml").read_text())
-    smoke["optim"]["epochs"], smoke["tune"]["grace_period"] = 2, 1
-    config = tmp_path / "smoke2.yaml"
-    config.write_text(yaml.safe_dump(smoke))
-    entrypoint = ["unet-ray", "tune", "--config", str(config), "--num-samples", "2",
-                  "--storage-path", str(tmp_path / "results"), "--name", "sweep"]  # fmt: skip
-    result = submit(one_node, entrypoint, "sweep1")
+    # what is checked here is the sweep as a job (tests/test_tune.py runs the whole smoke sweep,
+    # and what ASHA does with it)
+    result, experiment = sweep_job["result"], sweep_job["experiment"]
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert jobs_client(one_node).get_job_status("sweep1") == JobStatus.SUCCEEDED
-    best = json.loads((tmp_path / "results" / "sweep" / "best.json").read_text())
+    best = json.loads((experiment / "best.json").read_text())
     assert len(best["trials"]) == 2 and best["val_iou"] == max(t["best_val_iou"] or -1 for t in best["trials"])
-    assert Path(best["checkpoint"]).is_relative_to(tmp_path / "results") and resolve(tmp_path / "results" / "sweep").is_file()
+    assert Path(best["checkpoint"]).is_relative_to(experiment.parent) and resolve(experiment).is_file()
+
+
+@pytest.mark.ray
+def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(sweep_job):
+    mlflow = mlflow_client(sweep_job["uri"])
+    experiment = mlflow.get_experiment_by_name("sweep-test")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("unet_ray.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2
+    best = json.loads((sweep_job["experiment"] / "best.json").read_text())
+    assert parent.info.run_name == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.params["search.lr"] == "loguniform [0.003, 0.03]" and parent.data.params["tune.num_samples"] == "2"
+    assert parent.data.tags["best_trial"] == best["trial_id"]
+    assert parent.data.metrics["best_val_iou"] == best["val_iou"]
+    assert {a.path for a in mlflow.list_artifacts(parent.info.run_id)} == {"best.json", "model", "report.html"}
+    assert [a.path for a in mlflow.list_artifacts(parent.info.run_id, "model")] == ["model/state.pt"]
+    trials = {t["trial_id"]: t for t in best["trials"]}
+    assert {c.info.run_name for c in children} == set(trials)
+    for child in children:
+        trial_id = child.info.run_name
+        assert child.info.status == "FINISHED" and child.data.tags["unet_ray.trial_id"] == trial_id
+        params = child.data.params
+        assert float(params["optim.lr"]) == trials[trial_id]["config"]["lr"]
+        assert int(params["model.depth"]) == trials[trial_id]["config"]["depth"]
+        assert params["optim.epochs"] == "2" and params["run.workers"] == "1"
+        rows = read_rows(sweep_job["experiment"] / "runs" / trial_id)
+        assert [row["epoch"] for row in rows] == [1, 2]
+        for key in numeric(rows[0]):
+            logged = [(m.step, m.value) for m in mlflow.get_metric_history(child.info.run_id, key)]
+            assert sorted(logged) == [(row["epoch"], float(row[key])) for row in rows], (trial_id, key)
+    # each trial's Train run has its own TensorBoard files
+    for trial_id in trials:
+        assert list((sweep_job["experiment"] / "runs" / trial_id / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.ray
+def test_a_sweep_in_wandb_is_one_group(sweep_job):
+    runs = [wandb_run(folder) for folder in (sweep_job["tmp"] / "wandb" / "wandb").glob("offline-run-*")]
+    assert sorted(r["run"].job_type for r in runs) == ["sweep", "trial", "trial"]
+    assert {r["run"].run_group for r in runs} == {"sweep"}
+    best = json.loads((sweep_job["experiment"] / "best.json").read_text())
+    for found in runs:
+        if found["run"].job_type == "trial":
+            rows = read_rows(sweep_job["experiment"] / "runs" / found["run"].display_name)
+            assert [h["val_iou"] for h in found["history"]] == pytest.approx([row["val_iou"] for row in rows])
+        else:
+            assert ("sweep-model", ["state.pt"]) in found["artifacts"]
+            assert best["trial_id"] in found["raw"].decode(errors="replace")
 
 
 @pytest.mark.ray

@@ -2,8 +2,10 @@
 
 A real MLflow tracking server (SQLite store and artifacts in a temporary folder, 127.0.0.1, a free
 port) runs for the whole module; everything is read back through MLflow's own client. One
-1-epoch `unet-ray train` with every tool and one 2-trial sweep (a copy of smoke.yaml cut to 2
-trials of 2 epochs) run as subprocesses, as a user runs them, and every check shares them. W&B runs
+1-epoch `unet-ray train` with every tool runs as a subprocess, as a user runs it, and every check
+shares it. A sweep's tracking (a parent run with a child per trial, a W&B group) is checked on
+tests/test_cluster.py's sweep job, which runs with `--tracking mlflow,wandb` against this module's
+server fixture: one 2-trial sweep for both. W&B runs
 offline (WANDB_MODE=offline): its run files hold what it would send. Without Ray: the config key and
 flag, what never becomes a parameter, an unreachable server (the run stops before Ray starts) and
 a server that goes away mid-run (a warning; the run goes on).
@@ -406,73 +408,3 @@ def test_a_train_run_in_wandb_offline_holds_config_metrics_and_artifacts(train_r
         if file.is_file() and file.suffix in (".json", ".jsonl", ".html") and file.stat().st_size < 5_000_000:
             assert TOKEN not in file.read_text(errors="replace"), file
     assert TOKEN not in train_run["result"].stdout + train_run["result"].stderr
-
-
-@pytest.fixture(scope="module")
-def sweep(mlflow_server, tmp_path_factory):
-    """`unet-ray tune --tracking mlflow,wandb` of smoke.yaml cut to 2 trials of 2 epochs."""
-    uri, _ = mlflow_server
-    tmp = tmp_path_factory.mktemp("sweep")
-    config = yaml.safe_load((ROOT / "tune_configs" / "smoke.yaml").read_text())
-    config["data"].update(synth_train=32, synth_val=16)
-    config["optim"]["epochs"] = 2
-    config["tune"]["num_samples"] = 2
-    (tmp / "sweep.yaml").write_text(yaml.safe_dump(config))
-    env = command_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="sweep-test", WANDB_MODE="offline",
-                      WANDB_DIR=str(tmp / "wandb"))  # fmt: skip
-    argv = ["tune", "--config", str(tmp / "sweep.yaml"), "--storage-path", str(tmp / "results"), "--name", "tracked-sweep",
-            "--tracking", "mlflow,wandb"]  # fmt: skip
-    result = run_command(argv, env, timeout=500)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return {"uri": uri, "result": result, "experiment": tmp / "results" / "tracked-sweep", "tmp": tmp}
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(700)
-def test_a_sweep_is_a_parent_run_with_a_child_run_per_trial(sweep):
-    mlflow = client(sweep["uri"])
-    experiment = mlflow.get_experiment_by_name("sweep-test")
-    runs = mlflow.search_runs([experiment.experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("unet_ray.kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 3 and len(children) == 2
-    best = json.loads((sweep["experiment"] / "best.json").read_text())
-    assert parent.info.run_name == "tracked-sweep" and parent.info.status == "FINISHED"
-    assert parent.data.params["search.lr"] == "loguniform [0.003, 0.03]" and parent.data.params["tune.num_samples"] == "2"
-    assert parent.data.tags["best_trial"] == best["trial_id"]
-    assert parent.data.metrics["best_val_iou"] == best["val_iou"]
-    assert {a.path for a in mlflow.list_artifacts(parent.info.run_id)} == {"best.json", "model", "report.html"}
-    assert [a.path for a in mlflow.list_artifacts(parent.info.run_id, "model")] == ["model/state.pt"]
-    trials = {t["trial_id"]: t for t in best["trials"]}
-    assert {c.info.run_name for c in children} == set(trials)
-    for child in children:
-        trial_id = child.info.run_name
-        assert child.info.status == "FINISHED" and child.data.tags["unet_ray.trial_id"] == trial_id
-        params = child.data.params
-        assert float(params["optim.lr"]) == trials[trial_id]["config"]["lr"]
-        assert int(params["model.depth"]) == trials[trial_id]["config"]["depth"]
-        assert params["optim.epochs"] == "2" and params["run.workers"] == "1"
-        history = read_history(sweep["experiment"] / "runs" / trial_id)
-        assert [row["epoch"] for row in history] == [1, 2]
-        for key in numeric(history[0]):
-            logged = [(m.step, m.value) for m in mlflow.get_metric_history(child.info.run_id, key)]
-            assert sorted(logged) == [(row["epoch"], float(row[key])) for row in history], (trial_id, key)
-    # each trial's Train run has its own TensorBoard files
-    for trial_id in trials:
-        assert list((sweep["experiment"] / "runs" / trial_id / "tensorboard").glob("events.out.tfevents.*"))
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(700)
-def test_a_sweep_in_wandb_is_one_group(sweep):
-    runs = [wandb_run(folder) for folder in (sweep["tmp"] / "wandb" / "wandb").glob("offline-run-*")]
-    assert sorted(r["run"].job_type for r in runs) == ["sweep", "trial", "trial"]
-    assert {r["run"].run_group for r in runs} == {"tracked-sweep"}
-    best = json.loads((sweep["experiment"] / "best.json").read_text())
-    for found in runs:
-        if found["run"].job_type == "trial":
-            history = read_history(sweep["experiment"] / "runs" / found["run"].display_name)
-            assert [h["val_iou"] for h in found["history"]] == pytest.approx([row["val_iou"] for row in history])
-        else:
-            assert ("tracked-sweep-model", ["state.pt"]) in found["artifacts"]
-            assert best["trial_id"] in found["raw"].decode(errors="replace")

@@ -145,7 +145,7 @@ def test_time_budget_plans_the_epochs_that_fit_and_a_rerun_keeps_the_plan(ray_se
 
     from unet_ray.train import read_history, run_dir_of, run_training
 
-    budget_min = 0.5  # 10-20 s of it go to starting the TorchTrainer (Ray is up); an epoch here takes ~0.6 s
+    budget_min = 0.4  # 10-15 s of it go to starting the TorchTrainer (Ray is up); an epoch here takes ~0.6 s
     cfg = small_config(tmp_path, name="budget", epochs=500)
     cfg.optim.time_budget = budget_min
     start = time.perf_counter()

@@ -112,13 +112,22 @@ def history_callback(run_dir: Path, storage_dir: str | None = None):
     from ray.train import UserCallback
 
     class WriteHistory(UserCallback):
+        warned = False
+
         def after_report(self, run_context, metrics, checkpoint):
             where = checkpoint_uri(checkpoint.path, storage_dir) if checkpoint else None
             row = {**metrics[0], "checkpoint": where, "time": time.time()}
             with open(run_dir / HISTORY_FILE, "a") as f:
                 f.write(jsonfile.dumps(row) + "\n")
-            if storage_dir is not None:
+            if storage_dir is None:
+                return
+            try:
                 storage_module.upload(run_dir / HISTORY_FILE, storage_module.join(storage_dir, HISTORY_FILE))
+            except storage_module.StorageError as e:  # the copy; the run and its own file go on
+                if not self.warned:
+                    print(f"[unet-ray] warning: history.jsonl not copied to the storage path ({e}); "
+                          "trying again after every epoch", flush=True)  # fmt: skip
+                    self.warned = True
 
     return WriteHistory()
 
@@ -254,7 +263,8 @@ def fit(
         f"label set {meta['classes']}"
     )
     ingest, why = choose_ingest(cfg.data.ingest, meta, ray.cluster_resources().get("object_store_memory", 0))
-    progress(f"data: {'streaming from ' + str(prepared) if ingest == 'streaming' else 'held in memory'} ({why})")
+    where = "streaming from " + storage_module.redact(prepared) if ingest == "streaming" else "held in memory"
+    progress(f"data: {where} ({why})")
     # val (in memory) in one block per worker of the largest group (a smaller one takes several each)
     datasets = build_datasets(prepared, cfg.data.image_size, cfg.data.augment, workers=cfg.run.max_workers,
                               seed=cfg.run.seed, ingest=ingest)  # fmt: skip
