@@ -80,6 +80,10 @@ def test_a_run_from_a_bucket_to_a_bucket_resumes_after_the_driver_is_killed(s3_r
     assert best["checkpoint"].startswith("s3://runs/exp/r1/checkpoint_")
     assert storage.is_file(best["checkpoint"] + "/state.pt")
     assert best["metrics"]["val_iou"] > 0.5, rows
+    # the report page (a copy in the bucket) shows the best checkpoint's masks for 4 validation
+    # pairs, read from the bucket: photo, true mask, prediction each
+    report = storage.read_text("s3://runs/exp/r1/report.html")
+    assert report.count("data:image/png;base64,") >= 12 and "no validation data" not in report
 
 
 def test_evaluate_and_predict_read_the_checkpoint_from_the_bucket(s3_run):

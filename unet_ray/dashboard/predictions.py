@@ -35,8 +35,10 @@ def best_predictions(best: dict[str, Any] | None, prepared: str | None, count: i
     checkpoint = best.get("checkpoint_path")
     if not checkpoint:
         return {"error": f"the checkpoint of trial {best['trial_id']} is not in this experiment folder"}
-    if not prepared or not Path(prepared).exists():
-        return {"error": f"no validation data: the sweep's prepared folder ({prepared or 'prepared/'}) is missing"}
+    from unet_ray import storage
+
+    if not prepared or not storage.exists(prepared):  # a local folder, or a URI (a run on object storage)
+        return {"error": f"no validation data: the sweep's prepared folder ({storage.redact(prepared or 'prepared/')}) is missing"}
     from unet_ray.checkpoint import CheckpointError, resolve
 
     try:
@@ -47,7 +49,7 @@ def best_predictions(best: dict[str, Any] | None, prepared: str | None, count: i
     with _lock:
         if key not in _cache:
             _cache.clear()  # only the current best is ever shown
-            _cache[key] = _predict(state_file, Path(prepared), count)
+            _cache[key] = _predict(state_file, prepared if storage.is_uri(prepared) else Path(prepared), count)
         result = dict(_cache[key])
     return {"trial_id": best["trial_id"], "checkpoint": best.get("checkpoint"), **result}
 

@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from unet_ray import storage
 from unet_ray.runfiles import BEST_FILE, HISTORY_FILE, RUNS_DIR
 
 STATE_GLOB = "experiment_state-*.json"
@@ -149,15 +150,18 @@ def fingerprint(experiment: Path) -> str:
     return digest.hexdigest()
 
 
-def relocate(recorded: str | None, experiment: Path) -> Path | None:
+def relocate(recorded: str | None, experiment: Path) -> Path | str | None:
     """A path recorded by the sweep -> the same file in this experiment folder, if it is there.
 
     `/old/storage/smoke/runs/t1/checkpoint_x` becomes `<experiment>/runs/t1/checkpoint_x`: the
     longest tail of the recorded path that exists inside the experiment folder wins, so a sweep
-    copied elsewhere finds its own checkpoints. The recorded path itself is the last resort.
+    copied elsewhere finds its own checkpoints. The recorded path itself is the last resort. A
+    URI (a run on object storage) is kept as it is; it is not looked up.
     """
     if not recorded:
         return None
+    if storage.is_uri(recorded):
+        return recorded
     path = Path(recorded)
     parts = path.parts[1:] if path.is_absolute() else path.parts
     for i in range(len(parts)):
@@ -552,9 +556,12 @@ def read_run(run: Path, now: float) -> Snapshot:
     live = not ended and updated is not None and now - updated < LIVE_SECONDS
     trial.status = FINISHED if ended else RUNNING if live else INTERRUPTED
     prepared = run / "prepared"
-    if not prepared.is_dir():  # trained on a prepared folder given with --data
+    run_path = (best_json or {}).get("run_path") if isinstance(best_json, dict) else None
+    if not prepared.is_dir() and run_path and storage.is_uri(run_path):  # a run on object storage
+        prepared = storage.join(run_path, "prepared")
+    elif not prepared.is_dir():  # trained on a prepared folder given with --data
         data = (_run_config(trial) or {}).get("data", {}).get("path")
-        prepared = Path(data) if data and Path(data).exists() else None
+        prepared = data if data and (storage.is_uri(data) or Path(data).exists()) else None
     return Snapshot(
         name=run.name,
         path=str(run),
