@@ -142,8 +142,11 @@ def checkpoint_uri(path: str, storage_dir: str | None) -> str:
 
 def object_storage_dir(cfg: TrainConfig) -> str | None:
     """<storage path>/<name> when the storage path is a URI (s3://, gs://, ...), else None."""
-    base = storage_uri(cfg.run.storage_path)
-    return storage_module.join(base, cfg.run.name) if storage_module.is_uri(base) else None
+    return _object_dir(storage_uri(cfg.run.storage_path), cfg.run.name)
+
+
+def _object_dir(storage: str, run_name: str) -> str | None:
+    return storage_module.join(storage, run_name) if storage_module.is_uri(storage) else None
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -252,7 +255,7 @@ def fit(
 
     from unet_ray.data import build_datasets, choose_ingest, class_pixel_counts, resolve_prepared
 
-    storage_dir = storage_module.join(storage, run_name) if storage_module.is_uri(storage) else None
+    storage_dir = _object_dir(storage, run_name)
     # Our own per-epoch lines show progress; Ray Data's bars flood logs that are not terminals.
     # Set here, not in ensure_ray, so that Tune trial processes get it too.
     DataContext.get_current().enable_progress_bars = False
