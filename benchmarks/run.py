@@ -487,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-data", help="folder of real pair JPEGs (no train/val subfolders) for accuracy-for-time")
     parser.add_argument("--streaming", action="store_true",
                         help="compare the streaming and in-memory ingest paths (images/s, driver peak RSS)")
+    parser.add_argument("--data-stage", action="store_true",
+                        help="the data stage's images/s per core on 1024x512 PNG input (decode, scale/crop, flip)")
     quality.add_arguments(parser)
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
@@ -496,6 +498,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.real_data:
             parser.error("--quality needs --real-data DIR (a folder of pair JPEGs, e.g. the data set's train/)")
         return quality.run_quality(args, out, machine_name())
+    if args.data_stage:
+        from benchmarks import data_stage
+
+        result = data_stage.run(8 if args.quick else 24, 1 if args.quick else 3)
+        (out / f"{machine_name()}-data_stage.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(data_stage.human(result))
+        return 0
     if args.streaming:
         from benchmarks.streaming import run_streaming
 

@@ -174,7 +174,7 @@ def test_load_yaml_errors(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["prepare", "--src", "{pairs}", "--out", "{tmp}/out", "--image-size", "0"], "--image-size 0: must be between 32 and 1024"),
+        (["prepare", "--src", "{pairs}", "--out", "{tmp}/out", "--image-size", "0"], "--image-size 0: must be between 32 and 2048"),
         (["prepare", "--src", "{pairs}", "--out", "{tmp}/out", "--image-size", "4096"], "--image-size 4096"),
         (["synth", "--out", "{tmp}/s", "--train", "0", "--val", "2"], "--train 0 --val 2: synthetic data needs at least 1"),
     ],

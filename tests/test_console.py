@@ -108,6 +108,13 @@ def test_next_commands_name_the_real_paths(tmp_path):
     assert f"unet-ray dashboard --results '{run}'" in text
     pairs = tmp_path / "pairs"
     assert f"--input {pairs}/val " in "\n".join(summary.next_commands(run, str(pairs), None))
+    # the val photos of the official Cityscapes layout and of images/ + masks/ folders
+    from layout_trees import write_cityscapes_tree, write_folders_tree
+
+    city = write_cityscapes_tree(tmp_path / "city", splits=("val",), per_city=1)
+    assert f"--input {city}/leftImg8bit/val " in "\n".join(summary.next_commands(run, str(city), None))
+    own = write_folders_tree(tmp_path / "own", split_folders=False)
+    assert f"--input {own}/images " in "\n".join(summary.next_commands(run, str(own), None))
 
 
 def test_tune_prints_one_line_per_trial_event():

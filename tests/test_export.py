@@ -71,7 +71,7 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
     meta = export.read_metadata(out)
     assert meta["image_size"] == "64" and meta["classes"] == label_set and "[-1, 1]" in meta["input"]
     assert f"(N, {k}, 64, 64)" in meta["output"]
-    assert ("road where logit > 0" in meta["output"]) == (k == 1)
+    assert ("class 1 (road) where logit > 0" in meta["output"]) == (k == 1)
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):

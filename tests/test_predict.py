@@ -204,9 +204,10 @@ def test_predictor_masks_have_each_photos_size(trained, tmp_path):
         assert np.asarray(Image.open(tmp_path / f"{p.stem}_color.png")).shape == (*size, 3)
 
 
-def test_predictor_masks_are_the_model_prediction_resized_nearest_exact(city_checkpoint, tmp_path):
-    """19 classes, a 300x517 photo: the mask written is the 64x64 prediction enlarged with
-    cv2.INTER_NEAREST_EXACT (pixel centres), and the colour PNG is the palette of that mask."""
+def test_predictor_masks_are_the_logits_upsampled_to_the_photo(city_checkpoint, tmp_path):
+    """19 classes, a 300x517 photo: the mask written is the argmax of the 64x64 logits upsampled
+    bilinearly to the photo's size (as `evaluate` scores a data folder at each image's own size,
+    and Cityscapes' own evaluation compares), and the colour PNG is the palette of that mask."""
     photo = _photo(300, 517)
     (tmp_path / "odd.png").write_bytes(encode(photo, "PNG"))  # lossless: the actor reads these pixels
     model, _, _ = ckpt_io.load_model(city_checkpoint)
@@ -215,9 +216,10 @@ def test_predictor_masks_are_the_model_prediction_resized_nearest_exact(city_che
         logits = model(engine.to_model_input(torch.from_numpy(small[None]), torch.device("cpu")))
     expected_small = logits.argmax(dim=1)[0].numpy().astype(np.uint8)
     assert len(np.unique(expected_small)) >= 5  # enough classes that a wrong resize shows
-    expected = cv2.resize(expected_small, (517, 300), interpolation=cv2.INTER_NEAREST_EXACT)
-    # plain INTER_NEAREST would shift the mask: this test tells the two apart
-    assert not np.array_equal(expected, cv2.resize(expected_small, (517, 300), interpolation=cv2.INTER_NEAREST))
+    upsampled = torch.nn.functional.interpolate(logits, size=(300, 517), mode="bilinear", align_corners=False)
+    expected = upsampled.argmax(dim=1)[0].numpy().astype(np.uint8)
+    # enlarging the 64x64 classes instead (nearest neighbour) gives another mask: this test tells them apart
+    assert not np.array_equal(expected, cv2.resize(expected_small, (517, 300), interpolation=cv2.INTER_NEAREST_EXACT))
 
     worker = predict.Predictor(str(city_checkpoint / "state.pt"), str(tmp_path / "out"), False, False, "cpu", 1)
     (tmp_path / "out").mkdir()
@@ -291,6 +293,27 @@ def test_pairs_folder_through_cli_scores_each_split(ray_session, trained, tmp_pa
     assert (out / "train_1_mask.png").is_file() and (out / "val_1_mask.png").is_file()
     for split in ("train", "val"):
         reference = evaluate.evaluate_checkpoint(checkpoint, root, split)
+        assert summary["by_split"][split]["val_iou"] == pytest.approx(reference["val_iou"], abs=1e-6)
+
+
+@pytest.mark.ray
+def test_cityscapes_tree_through_cli_scores_each_split(ray_session, trained, tmp_path, capsys):
+    """The official Cityscapes layout as --input: every leftImg8bit photo is predicted, named by
+    split and its path below it, written at its own size (the logits upsampled), and scored
+    against its gtFine label ids (here for the road model's two classes) as evaluate scores them."""
+    from layout_trees import write_cityscapes_tree
+
+    checkpoint, _ = trained
+    tree = write_cityscapes_tree(tmp_path / "cityscapes", per_city=2, size=(96, 192))
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tree), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["written"], summary["skipped"]) == (8, 0)
+    mask = np.asarray(Image.open(out / "val_aachen_aachen_000000_000000_mask.png"))
+    assert mask.shape == (96, 192) and set(np.unique(mask)) <= {0, 1}
+    for split in ("train", "val"):
+        reference = evaluate.evaluate_checkpoint(checkpoint, tree, split)
+        assert 0 < reference["val_iou"] < 1
         assert summary["by_split"][split]["val_iou"] == pytest.approx(reference["val_iou"], abs=1e-6)
 
 

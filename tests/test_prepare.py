@@ -115,5 +115,5 @@ def test_prepare_from_a_bucket_into_a_bucket_writes_what_a_local_prepare_writes(
 
     part = pq.ParquetFile(tmp_path / "prepared" / "train" / "part-00000.parquet")
     assert part.metadata.row_group(0).num_rows == min(ROW_GROUP_ROWS, local["counts"]["train"])
-    with pytest.raises(DataError, match=r"s3://prep/nothing/train holds no \.jpg/\.png pair files"):
+    with pytest.raises(DataError, match=r"s3://prep/nothing is in none of the data layouts"):
         prepare("s3://prep/nothing", "s3://prep/out", 32, "road", progress=lambda _: None)

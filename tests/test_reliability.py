@@ -110,7 +110,7 @@ class TestBadInputThroughRay:
     def test_prepare_names_every_bad_file(self, bad_pairs, decode_in, tmp_path, capsys):
         assert main(["prepare", "--src", str(bad_pairs), "--out", str(tmp_path / "out"), "--image-size", "64"]) == 2
         err = capsys.readouterr().err
-        assert f"{len(BAD_FILES)} of {6 + 3 + len(BAD_FILES)} pair files" in err
+        assert f"{len(BAD_FILES)} of {6 + 3 + len(BAD_FILES)} files in" in err
         for name, (_, words) in BAD_FILES.items():
             line = next((ln for ln in err.splitlines() if name in ln), "")
             assert words in line, f"{name}: {line!r}"
@@ -151,7 +151,7 @@ class TestBadInputThroughRay:
                 "--depth", "2", "--base-channels", "4", "--epochs", "1", "--workers", "1"]  # fmt: skip
         assert main([*args, "--skip-bad-files"]) == 0
         out = capsys.readouterr().out
-        assert "data: 6 train / 3 val pairs" in out and f"skipped {len(BAD_FILES)} bad files" in out
+        assert "data: 6 train / 3 val images at 64px (pairs layout)" in out and f"skipped {len(BAD_FILES)} bad files" in out
         skipped = (storage / "skip" / "prepared" / "skipped.txt").read_text().splitlines()
         assert sorted(Path(line.split(": ")[0]).name for line in skipped) == sorted(BAD_FILES)
         # the same data without --skip-bad-files is not reused as if it were clean: the bad files are named

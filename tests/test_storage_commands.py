@@ -98,7 +98,7 @@ def test_evaluate_from_a_bucket_gives_the_local_metrics(s3_env, local, capsys, r
             got = evaluated(capsys, remote["checkpoint"], remote[data], "--split", split)
             assert got["checkpoint"] == remote["checkpoint"] and got["data"] == remote[data]
             assert without_locations(got) == without_locations(expected), (data, split)
-            assert got["pairs"] == (3 if split == "val" else 4) and got["val_pixels"] > 0
+            assert got["images"] == (3 if split == "val" else 4) and got["val_pixels"] > 0
     # the metrics are not all trivial: the model predicts several classes
     assert 0 < expected["val_miou"] < 1
     assert ray_must_not_start.calls == []
@@ -110,7 +110,7 @@ def test_evaluate_skips_bad_pair_files_in_a_bucket_naming_their_uris(s3_env, loc
     assert main(["evaluate", "--checkpoint", remote["run"], "--data", remote["pairs"]]) == 2
     assert f"unet-ray evaluate: error: {remote['pairs']}/val/9.jpg: not a readable image" in capsys.readouterr().err
     result = evaluated(capsys, remote["run"], remote["pairs"], "--skip-bad-files")
-    assert result["pairs"] == 3 and len(result["skipped_files"]) == 1
+    assert result["images"] == 3 and len(result["skipped_files"]) == 1
     assert result["skipped_files"][0].startswith(f"{remote['pairs']}/val/9.jpg: not a readable image")
 
 

@@ -177,25 +177,36 @@ def test_time_budget_plans_the_epochs_that_fit_and_a_rerun_keeps_the_plan(ray_se
 
 
 def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_path):
-    """The cityscapes19 label set end to end, with augmentation, (default) class weights and deep
-    supervision: val_iou is the mIoU of the classes present, absent classes are null (not NaN) in
-    history.jsonl and best.json, and the run ends by naming its best checkpoint and metrics."""
+    """The official Cityscapes layout end to end (leftImg8bit/ + gtFine/ label ids, detected; its
+    19 classes chosen by the layout), at a non-square size with the scale-and-crop augmentation,
+    (default) class weights and deep supervision: val_iou is the mIoU of the classes present,
+    absent classes are null (not NaN) in history.jsonl and best.json, `evaluate` on the same tree
+    gives the run's figure, and the run ends by naming its best checkpoint and metrics."""
     import numpy as np
+    from layout_trees import write_cityscapes_tree
 
     from unet_ray.losses import class_weights
     from unet_ray.prepared_format import read_prepared_split
     from unet_ray.summary import run_and_report
     from unet_ray.train import read_history, run_dir_of
 
-    cfg = small_config(tmp_path, name="city", epochs=2, classes="cityscapes19", augment=True)
-    assert cfg.optim.class_weights == "auto"  # the default: inverse_log for 19 classes
+    from unet_ray import prepare
+
+    tree = write_cityscapes_tree(tmp_path / "cityscapes", per_city=6, size=(128, 256))
+    cfg = small_config(tmp_path, name="city", epochs=2, path=str(tree), image_size="64x128", augment="scale")
+    assert cfg.data.classes == "auto" and cfg.optim.class_weights == "auto"  # the layout's classes; inverse_log for 19
     cfg.model.deep_supervision = 0.4  # off by default; on here to train the aux heads through DDP
     printed: list[str] = []
-    summary = run_and_report(cfg, progress=printed.append)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare, "IN_PROCESS_MAX_PAIRS", 0)  # the images decoded by Ray Data tasks, as a real set's are
+        summary = run_and_report(cfg, progress=printed.append)
     run_dir = run_dir_of(cfg)
 
     # the weights come from the run's own training masks, and the run says which they are
-    masks = read_prepared_split(run_dir / "prepared", "train", 64)["mask"]
+    assert cfg.data.layout == "cityscapes" and cfg.data.classes == "cityscapes19"  # resolved before Ray
+    assert any("data: 12 train / 12 val images at 64x128px (cityscapes layout), label set cityscapes19" in line for line in printed)
+    masks = read_prepared_split(run_dir / "prepared", "train", "64x128")["mask"]
+    assert masks.shape == (12, 64, 128)
     expected = class_weights(np.bincount(masks.ravel(), minlength=256)[:19], "inverse_log")
     weights_line = next(line for line in printed if line.startswith("loss: class weights (inverse_log"))
     assert f"road {expected[0]:.1f}, sidewalk {expected[1]:.1f}, building {expected[2]:.1f}" in weights_line
@@ -223,6 +234,10 @@ def test_19_classes_train_through_ray_and_write_strict_json(ray_session, tmp_pat
         assert len(per_class) == 19 and None in per_class and present  # synthetic scenes lack most classes
         assert row["val_iou"] == pytest.approx(sum(present) / len(present)) == pytest.approx(row["val_miou"])
     assert best["checkpoint"] == summary["checkpoint"]
+    # the workers' val figure is what `evaluate` computes from the checkpoint on the raw tree
+    evaluated = evaluate_checkpoint(summary["checkpoint"], tree)
+    assert evaluated["val_iou"] == pytest.approx(best["metrics"]["val_iou"], abs=1e-6)
+    assert evaluated["images"] == 12 and 0 <= evaluated["val_miou_native"] <= 1  # also at 128x256
     done = next(line for line in printed if line.startswith("done in "))
     assert done.endswith(
         f": best val_iou {best['metrics']['val_iou']:.4f} at epoch {best['metrics']['epoch']} "

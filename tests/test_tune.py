@@ -236,10 +236,15 @@ def test_finished_train_run_hands_its_last_report_to_tune():
 
 @pytest.mark.ray
 def test_sweep_interrupted_then_resumed(tmp_path):
+    """Also the sweep of a user's own data: an images/ + masks/ folder with RGB masks and a
+    classes.yaml (folders layout, val held out by data.val_fraction), its classes in every trial."""
+    from layout_trees import write_folders_tree
+
     storage = tmp_path / "results"
+    data = write_folders_tree(tmp_path / "own", n_train=96, n_val=16, size=(64, 96), masks="rgb", split_folders=False)
     # 3 of smoke.yaml's 4 trials: on 2 CPUs the resumed half then runs in one round, not two
     cmd = [sys.executable, "-m", "unet_ray.cli", "tune", "--config", str(SMOKE), "--storage-path", str(storage),
-           "--num-samples", "3"]  # fmt: skip
+           "--num-samples", "3", "--data", str(data)]  # fmt: skip
     # the quiet console, whatever an earlier in-process test left in os.environ
     quiet_keys = {console.VERBOSE_ENV, *console.QUIET_ENV}
     env = {**{k: v for k, v in os.environ.items() if k not in quiet_keys}, "PYTHONUNBUFFERED": "1"}
@@ -327,10 +332,13 @@ def test_sweep_interrupted_then_resumed(tmp_path):
     # of the 16 x 64 x 64 val pixels; neighbouring epochs can differ by as little as 1e-4)
     assert evaluated["epoch"] == reported[top].index(max(reported[top])) + 1
     assert evaluated["val_iou"] == pytest.approx(best["val_iou"], abs=2e-4)
-    # smoke.yaml's best trial has learned the scenes: not "road everywhere" (whose road IoU is the
-    # share of road pixels, ~0.3, and whose IoU of everything else is 0)
+    # the trials trained the data's own classes (classes.yaml, in order), and smoke.yaml's best
+    # trial has learned the scenes: its mIoU over the three is far above "background everywhere"
+    # (whose mIoU is a third of the background share, ~0.2)
+    per_class = evaluated["val_iou_per_class"]
+    assert list(per_class) == ["background", "road", "car"] and evaluated["classes"] == "custom", evaluated
     assert best["val_iou"] >= 0.6, reported
-    assert evaluated["val_iou_per_class"]["rest"] >= 0.6 and evaluated["val_pixel_accuracy"] >= 0.8, evaluated
+    assert per_class["background"] >= 0.6 and per_class["road"] >= 0.5 and evaluated["val_pixel_accuracy"] >= 0.8, evaluated
 
     # TensorBoard can read the sweep
     assert list(experiment.glob("*/events.out.tfevents.*"))

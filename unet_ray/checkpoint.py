@@ -260,7 +260,7 @@ def _load_file(file: Path, shown: str, map_location: str | torch.device) -> dict
 # The settings a checkpoint's weights and optimizer state are shaped by: a run resumed from it must
 # ask for the same ones (deep supervision only as on/off: its weight may change, its heads may not)
 RESUME_SETTINGS = (
-    "data.classes", "model.depth", "model.base_channels", "model.batch_norm", "model.block",
+    "data.classes", "data.class_names", "model.depth", "model.base_channels", "model.batch_norm", "model.block",
     "model.upsample", "model.deep_supervision", "optim.optimizer",
 )  # fmt: skip
 

@@ -11,9 +11,13 @@ from unet_ray import jsonfile
 
 # Flags shared by train (and tune's fixed settings): flag -> (dotted config key, type, help).
 TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--data": ("data.path", str, "pairs folder (train/, val/) or prepared folder, a path or a URI (s3://...); default: built-in synthetic pairs"),
-    "--image-size": ("data.image_size", int, "square size the pairs are resized to (default 128)"),
-    "--classes": ("data.classes", str, "label set: road (binary) or cityscapes19"),
+    "--data": ("data.path", str, "data folder (pairs, official Cityscapes or images/ + masks/ folders) or prepared folder, "
+               "a path or a URI (s3://...); default: built-in synthetic pairs"),
+    "--layout": ("data.layout", str, "what --data is: auto (detected, the default), pairs, cityscapes or folders"),
+    "--val-fraction": ("data.val_fraction", float, "folders layout with one images/ + masks/: share held out for val (default 0.2)"),
+    "--image-size": ("data.image_size", str, "size images are stored and trained at: S (square) or HxW, e.g. 512x1024 (default 128)"),
+    "--classes": ("data.classes", str, "auto (from the layout: road for pairs, cityscapes19 for Cityscapes, classes.yaml "
+                  "for folders), road (binary) or cityscapes19"),
     "--workers": ("run.workers", str, "training workers: N (default 2), or MIN-MAX for an elastic group that grows "
                   "and shrinks with the cluster"),
     "--resize-interval-s": ("run.resize_interval_s", float, "with --workers MIN-MAX: seconds between checks for room "
@@ -28,7 +32,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--schedule": ("optim.schedule", str, "learning rate per step: constant, cosine, poly or onecycle"),
     "--warmup-epochs": ("optim.warmup_epochs", float, "linear warmup, in epochs (fractions allowed)"),
     "--ema-decay": ("optim.ema_decay", float, "EMA of the weights per step, validated and saved (0 = off)"),
-    "--augment": ("data.augment", str, "augmentation preset: none, light, medium or strong"),
+    "--augment": ("data.augment", str, "augmentation preset: none, light, medium, strong, or scale (random scale 0.5-2x "
+                  "and crop, the Cityscapes recipe)"),
     "--ingest": ("data.ingest", str, "how data reaches the workers: auto (by size), memory or streaming (Ray Data reads from storage every epoch)"),
     "--block": ("model.block", str, "UNet block: plain or residual"),
     "--upsample": ("model.upsample", str, "UNet upsampling: transpose or bilinear"),
@@ -96,16 +101,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from unet_ray.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigError, check_image_size
+    from unet_ray.config import ConfigError, image_size_value
     from unet_ray.prepare import needs_ray, prepare
     from unet_ray.raysession import ensure_ray
 
-    if not check_image_size(args.image_size):
-        raise ConfigError(f"--image-size {args.image_size}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
+    try:
+        image_size = image_size_value(args.image_size, "--image-size")
+    except ConfigError as e:  # "--image-size 0: ...", as the flag was typed
+        raise ConfigError(str(e).replace("--image-size=", "--image-size ", 1).replace("'", "")) from None
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     check_uris(("source", args.src, True), ("output folder", args.out, False))
-    if needs_ray(args.src):  # missing or empty train/, val/: a DataError here, before Ray
+    if needs_ray(args.src, args.layout, args.val_fraction):  # no layout, an empty split: a DataError here, before Ray
         ensure_ray()
-    prepare(args.src, args.out, args.image_size, args.classes, args.skip_bad_files)
+    prepare(args.src, args.out, image_size, args.classes, args.skip_bad_files, layout=args.layout, val_fraction=args.val_fraction)
     return 0
 
 
@@ -133,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     check_uris(("checkpoint", args.checkpoint, True), ("data", args.data, True))
     result = evaluate_checkpoint(
-        args.checkpoint, args.data, args.split, args.batch_size, args.skip_bad_files, flip_tta=args.tta
+        args.checkpoint, args.data, args.split, args.batch_size, args.skip_bad_files, flip_tta=args.tta, layout=args.layout
     )
     print(jsonfile.dumps(result, indent=2))
     return 0
@@ -233,11 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="pairs folder -> Parquet with Ray Data")
-    p.add_argument("--src", required=True, help="pairs folder with train/ and val/: a local path or a URI (s3://...)")
+    p = sub.add_parser("prepare", help="data folder (any layout) -> Parquet with Ray Data")
+    p.add_argument("--src", required=True, help="data folder: pairs (train/, val/), official Cityscapes (leftImg8bit/, "
+                   "gtFine/) or images/ + masks/ folders with classes.yaml; a local path or a URI (s3://...)")
     p.add_argument("--out", required=True, help="prepared folder to write: a local path or a URI (s3://...)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--classes", default="road", choices=["road", "cityscapes19"])
+    p.add_argument("--image-size", default="128", help="S (square) or HxW, e.g. 512x1024 (default 128)")
+    p.add_argument("--layout", default="auto", choices=["auto", "pairs", "cityscapes", "folders"])
+    p.add_argument("--val-fraction", type=float, default=0.2, help="folders layout with one images/ + masks/: share held out for val")
+    p.add_argument("--classes", default="auto", choices=["auto", "road", "cityscapes19"],
+                   help="auto: the layout's own (road for pairs, cityscapes19 for Cityscapes, classes.yaml for folders)")
     p.add_argument("--skip-bad-files", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -247,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="Ray Tune sweep over lr, depth, ...; every trial a Ray Train run")
     p.add_argument("--config", required=True, help="tune YAML, e.g. tune_configs/smoke.yaml")
-    p.add_argument("--data", help="pairs folder or prepared folder (default: built-in synthetic pairs)")
+    p.add_argument("--data", help="data folder (pairs, Cityscapes or images/ + masks/) or prepared folder (default: built-in synthetic pairs)")
     p.add_argument("--storage-path", help="where the experiment folder goes")
     p.add_argument("--name", help="experiment name (default: the YAML's run.name or file name)")
     p.add_argument("--num-samples", type=int, help="number of trials")
@@ -255,12 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking_flag(p)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a pairs or prepared folder, as JSON")
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data folder (any layout) or prepared folder, as JSON")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder, state.pt, or a run folder (uses its best.json); a local path or a URI "
                         "(s3://bucket/runs/NAME, ...; fetched into a local cache)")
     p.add_argument("--data", required=True,
-                   help="pairs folder (train/, val/) or prepared folder: a local path or a URI (s3://bucket/data, ...)")
+                   help="data folder (pairs, Cityscapes or images/ + masks/) or prepared folder: a local path or a URI (s3://bucket/data, ...)")
+    p.add_argument("--layout", default="auto", choices=["auto", "pairs", "cityscapes", "folders"], help="what --data is (default: detected)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--skip-bad-files", action="store_true")

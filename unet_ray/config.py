@@ -22,7 +22,7 @@ from unet_ray import palette
 
 MAX_DEPTH = 7
 # Names the config accepts; the code that implements each lives in transforms.py, model.py, recipe.py.
-AUGMENT_PRESETS = ("none", "light", "medium", "strong")
+AUGMENT_PRESETS = ("none", "light", "medium", "strong", "scale")
 MODEL_BLOCKS = ("plain", "residual")
 UPSAMPLERS = ("transpose", "bilinear")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -68,14 +68,32 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataSection:
-    path: str | None = None  # pairs folder or prepared folder; None trains on built-in synthetic pairs
-    image_size: int = 128
-    classes: str = "road"  # "road" (binary, as in the tutorial) or "cityscapes19"
+    # a data folder in one of LAYOUTS (layouts.py) or a prepared folder, local or a URI; None trains
+    # on built-in synthetic pairs
+    path: str | None = None
+    # what the folder is: auto (detected), pairs, cityscapes (leftImg8bit/ + gtFine/) or folders
+    # (images/ + masks/ + classes.yaml)
+    layout: str = "auto"
+    # the size rows are stored and trained at: S (square) or "HxW" ("512x1024": height x width)
+    image_size: int | str = 128
+    # "auto": from the layout (road for pairs, cityscapes19 for cityscapes, custom for folders);
+    # "road" (binary, as in the tutorial) or "cityscapes19" for pairs and cityscapes; "custom":
+    # a folders layout's classes.yaml, whose names and colours the run copies into class_names and
+    # class_colors (so that checkpoints carry them)
+    classes: str = "auto"
+    class_names: list[str] = field(default_factory=list)
+    class_colors: list[str] = field(default_factory=list)  # "#rrggbb" per class
+    val_fraction: float = 0.2  # folders layout with one images/ + masks/: the share held out for val
     augment: str = "light"  # preset: none, light, medium, strong (transforms.AUGMENT_PRESETS); true = medium
     skip_bad_files: bool = False
     ingest: str = "auto"  # auto, memory or streaming (INGEST_MODES)
     synth_train: int = 96  # size of the built-in synthetic data set
     synth_val: int = 32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """image_size as (height, width)."""
+        return image_shape(self.image_size)
 
 
 @dataclass
@@ -177,8 +195,20 @@ class TrainConfig:
         return self
 
     @property
+    def class_set(self) -> palette.ClassSet:
+        """The classes the model predicts. data.classes "auto" must be resolved from the data first
+        (data.check_source; a run does it before Ray starts). The built-in data are pairs: road."""
+        d = self.data
+        if d.classes == "auto" and d.path is None:
+            return palette.class_set("road")
+        if d.classes == "auto":
+            raise ConfigError("data.classes=auto is decided by the data's layout; resolve it first (data.check_source)")
+        colors = [palette.parse_color(c) for c in d.class_colors]
+        return palette.class_set(d.classes, d.class_names, colors)
+
+    @property
     def num_classes(self) -> int:
-        return palette.num_classes(self.data.classes)
+        return len(self.class_set)
 
     @property
     def class_weighting(self) -> str:
@@ -188,6 +218,13 @@ class TrainConfig:
         if self.optim.class_weights != "auto":
             return self.optim.class_weights
         return "none" if self.num_classes == 2 else "inverse_log"
+
+    def with_classes(self, label_set: str, class_set: "palette.ClassSet | None" = None) -> None:
+        """Set data.classes (resolved from "auto"); "custom" copies the data set's names and colours."""
+        self.data.classes = label_set
+        if label_set == "custom" and class_set is not None:
+            self.data.class_names = list(class_set.names)
+            self.data.class_colors = [palette.color_hex(c) for c in class_set.colors]
 
 
 def merge(cfg: TrainConfig, values: dict[str, Any], origin: str) -> TrainConfig:
@@ -246,6 +283,9 @@ def _set(cfg: TrainConfig, section: str, name: str, value: Any, origin: str) -> 
     if (section, name) == ("run", "workers"):  # int | str: coerce would take the first type only
         setattr(obj, name, _workers_value(value, f"{origin}: run.workers"))
         return
+    if (section, name) == ("data", "image_size"):
+        setattr(obj, name, image_size_value(value, f"{origin}: data.image_size"))
+        return
     setattr(obj, name, coerce(value, hint, f"{origin}: {section}.{name}"))
 
 
@@ -288,11 +328,45 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+LAYOUTS = ("auto", "pairs", "cityscapes", "folders")  # data.layout (layouts.py reads them)
+CLASS_CHOICES = ("auto", *palette.LABEL_SETS, "custom")
 
 
-def check_image_size(size: int) -> bool:
-    return MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+def image_shape(value: Any, where: str = "data.image_size") -> tuple[int, int]:
+    """(height, width) of an image size: S or "S" (square), "HxW", [H, W]; a ConfigError naming
+    the value otherwise or when a side is not positive."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        shape = (value, value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        shape = (int(value), int(value))
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", value):
+        h, w = re.split(r"[xX]", value)
+        shape = (int(h), int(w))
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        shape = (value[0], value[1])
+    else:
+        raise ConfigError(f"{where}: expected a size S (square) or HEIGHTxWIDTH (e.g. 512x1024), got {value!r}")
+    if min(shape) < 1:
+        raise ConfigError(f"{where}={value}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} (each side)")
+    return shape
+
+
+def image_size_value(value: Any, where: str = "data.image_size", bounded: bool = True) -> int | str:
+    """An image size as stored: an int for a square, "HxW" otherwise (so 512 == "512x512"); with
+    `bounded`, a ConfigError when a side is outside MIN_IMAGE_SIZE..MAX_IMAGE_SIZE."""
+    h, w = image_shape(value, where)
+    if bounded and not all(MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE for side in (h, w)):
+        raise ConfigError(f"{where}={value}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} (each side)")
+    return h if h == w else f"{h}x{w}"
+
+
+def check_image_size(size: Any) -> bool:
+    try:
+        image_size_value(size)
+    except ConfigError:
+        return False
+    return True
 
 
 def _validate(cfg: TrainConfig, check_paths: bool) -> None:
@@ -302,13 +376,28 @@ def _validate(cfg: TrainConfig, check_paths: bool) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(d.classes in palette.LABEL_SETS, f"data.classes={d.classes!r}: choose one of {', '.join(palette.LABEL_SETS)}")
-    need(check_image_size(d.image_size), f"data.image_size={d.image_size}: must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}")
+    need(d.classes in CLASS_CHOICES, f"data.classes={d.classes!r}: choose one of {', '.join(CLASS_CHOICES)}")
+    need(d.layout in LAYOUTS, f"data.layout={d.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if d.path is None:  # built-in synthetic pairs
+        need(d.layout in ("auto", "pairs"), f"data.layout={d.layout}: needs data.path (the built-in data are pairs)")
+        d.layout = "pairs"
+        d.classes = "road" if d.classes == "auto" else d.classes
+    if d.classes == "custom":
+        need(len(d.class_names) >= 2, "data.classes=custom: needs data.class_names (2 or more; a folders layout's classes.yaml gives them)")
+        need(len(d.class_colors) == len(d.class_names), f"data.class_colors: {len(d.class_colors)} colours for {len(d.class_names)} class names")
+        for color in d.class_colors:
+            try:
+                palette.parse_color(color)
+            except ValueError as e:
+                raise ConfigError(f"data.class_colors: {e}") from None
+    need(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction}: must be between 0 and 1")
+    d.image_size = image_size_value(d.image_size)  # a ConfigError naming the value
+    height, width = d.shape
     need(d.synth_train >= 1 and d.synth_val >= 1, "data.synth_train and data.synth_val must be >= 1")
     need(1 <= m.depth <= MAX_DEPTH, f"model.depth={m.depth}: must be between 1 and {MAX_DEPTH}")
     need(
-        d.image_size % (2**m.depth) == 0 and d.image_size // 2**m.depth >= MIN_BOTTLENECK,
-        f"model.depth={m.depth} is too deep for data.image_size={d.image_size}: the size must be a multiple "
+        all(side % (2**m.depth) == 0 and side // 2**m.depth >= MIN_BOTTLENECK for side in (height, width)),
+        f"model.depth={m.depth} is too deep for data.image_size={d.image_size}: each side must be a multiple "
         f"of 2**depth={2**m.depth} and leave at least {MIN_BOTTLENECK} pixels at the bottom",
     )
     need(d.ingest in INGEST_MODES, f"data.ingest={d.ingest!r}: choose one of {', '.join(INGEST_MODES)}")

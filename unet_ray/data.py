@@ -15,8 +15,9 @@ Where rows are mixed, on both paths: the prepared train rows are in a fixed rand
 or files (streaming) come in a new random order, and each worker mixes the rows of the blocks
 it receives in a shuffle buffer of a few batches (worker.shuffled_batches).
 
-Also resolves what `--data` points at (nothing, a pairs folder, a prepared folder) into a prepared
-folder, preparing it on the way when needed.
+Also decides what `--data` points at (nothing, a data folder in one of layouts.LAYOUTS, a prepared
+folder; check_source, before Ray starts) and turns it into a prepared folder, preparing it on the
+way when needed (resolve_prepared).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from unet_ray import pairs, storage
-from unet_ray.config import TrainConfig, storage_uri
-from unet_ray.prepare import DATA_TASK_CPUS, prepare
+from unet_ray import layouts, palette, pairs, storage
+from unet_ray.config import TrainConfig, image_shape, storage_uri
+from unet_ray.prepare import DATA_TASK_CPUS, prepare, source_layout
 from unet_ray.prepared_format import (
     FORMAT,
     META_FILE,
@@ -57,16 +58,16 @@ MEMORY_INGEST_MAX_BYTES = 2 * 2**30
 
 
 @lru_cache(maxsize=4)
-def _augmenter(image_size: int, preset: str) -> JointAugment:
+def _augmenter(image_size: int | str, preset: str) -> JointAugment:
     if "albumentations" not in sys.modules:
         # A data task never uses albumentations.pytorch (ToTensorV2), whose import pulls in torch:
         # 1.2 of the 1.9 s that the first augment task of every fresh worker process spends
         # importing albumentations (measured), while the training workers wait for a batch.
         sys.modules.setdefault("albumentations.pytorch", None)
-    return JointAugment(image_size, preset)
+    return JointAugment(image_shape(image_size), preset)
 
 
-def augment_batch(batch: dict[str, np.ndarray], image_size: int, preset: str = "medium") -> dict[str, np.ndarray]:
+def augment_batch(batch: dict[str, np.ndarray], image_size: int | str, preset: str = "medium") -> dict[str, np.ndarray]:
     """Task-friendly wrapper: one albumentations pipeline per worker process, built once."""
     return _augmenter(image_size, preset)(batch)
 
@@ -114,8 +115,9 @@ def _streaming_datasets(prepared: str | Path, image_size: int, augment: str, see
     from ray.data import DataContext
 
     datasets = {}
+    native = read_meta(prepared).get("native_size") is not None  # pairs' val rows have mask_native
     for split in pairs.SPLITS:
-        columns = ["image", "mask"] + (["mask_native"] if split == "val" else [])
+        columns = ["image", "mask"] + (["mask_native"] if split == "val" and native else [])
         # Ray 2.60's default Parquet reader (V2) lists the files in a task of its own that asks
         # for a whole CPU, which `num_cpus` does not reach: beside two training workers on 2 CPUs
         # it never runs and training waits forever (seen). The V1 reader lists in the driver and
@@ -221,17 +223,26 @@ def _block_count(rows: int, cpus: int) -> int:
 
 
 def check_source(cfg: TrainConfig) -> None:
-    """Cheap checks of `data.path` (a folder or a URI), run before Ray starts: a missing folder,
-    bucket or object, refused credentials, an empty or missing train/ or val/, foreign Parquet, or
-    data prepared for another label set or size."""
-    if cfg.data.path is None:
+    """Decide what `data.path` (a folder or a URI) is, with cheap checks, before Ray starts: a
+    missing folder, bucket or object, refused credentials, no known layout, an empty split, images
+    without masks (or masks without images), foreign Parquet, or data prepared for another label
+    set or size: each a DataError. Sets data.layout, and data.classes from "auto" to the layout's
+    own (with a folders layout's class names and colours), on `cfg`."""
+    d = cfg.data
+    if d.path is None:
         return
-    source = _source(cfg.data.path)
-    if looks_prepared(source) or not pairs.is_pairs_folder(source):
-        check_compatible(read_meta(source), storage.redact(source), cfg.data.classes, cfg.data.image_size)
-    else:
-        for split in pairs.SPLITS:
-            _count_files(source, split)
+    source = _source(d.path)
+    if looks_prepared(source):
+        meta = read_meta(source)
+        check_compatible(meta, storage.redact(source), d.classes, d.image_size)
+        d.layout = meta.get("layout", "pairs")
+        names, colors = meta["class_names"], [palette.parse_color(c) for c in meta["class_colors"]]
+        cfg.with_classes(meta["classes"], palette.class_set(meta["classes"], names, colors))
+        return
+    found = source_layout(source, d.layout, d.val_fraction)  # lists every split: an empty one is an error
+    found.check_paired(d.skip_bad_files)
+    d.layout = found.kind
+    cfg.with_classes(layouts.check_classes(found, d.classes), found.classes)
 
 
 def _source(path: str) -> str | Path:
@@ -256,10 +267,11 @@ def prepared_target(cfg: TrainConfig, run_dir: Path) -> str | Path:
 
 
 def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[str | Path, dict[str, Any]]:
-    """The prepared folder (a local Path or a URI) this run trains on, and its meta.
+    """The prepared folder (a local Path or a URI) this run trains on, and its meta. Needs
+    check_source(cfg) first (it resolves data.layout and data.classes).
 
     - no data.path: synthetic pairs written (once, seeded) under run_dir, then prepared;
-    - a pairs folder: prepared into prepared_target, reused while source and settings match;
+    - a data folder: prepared into prepared_target, reused while source and settings match;
     - a prepared folder: used as is, after checking its label set and image size.
     """
     d = cfg.data
@@ -270,18 +282,21 @@ def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[s
             pairs.write_synthetic(source, d.synth_train, d.synth_val, seed=cfg.run.seed)
     else:
         source = _source(d.path)
-        if looks_prepared(source) or not pairs.is_pairs_folder(source):
+        if looks_prepared(source):
             meta = read_meta(source)
             check_compatible(meta, storage.redact(source), d.classes, d.image_size)
             return source, meta
 
+    found = source_layout(source, d.layout, d.val_fraction)
     target = prepared_target(cfg, run_dir)
     wanted = {
         "format": FORMAT,  # data prepared by an older version is prepared again
         "source": storage.redact(source),
+        "layout": found.kind,
         "classes": d.classes,
+        "class_names": list(cfg.class_set.names),
         "image_size": d.image_size,
-        "source_files": {s: _count_files(source, s) for s in pairs.SPLITS},
+        "source_files": {s: len(found.items(s)[0]) for s in pairs.SPLITS},
     }
     meta_file = storage.join(target, META_FILE)
     if storage.is_file(meta_file):
@@ -292,12 +307,5 @@ def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[s
             skipped = f"; {meta['skipped']} bad files left out, see {storage.join(target, SKIPPED_FILE)}" if meta.get("skipped") else ""
             progress(f"data: reusing {storage.redact(target)} (prepared from {storage.redact(source)}{skipped})")
             return target, meta
-    meta = prepare(source, target, d.image_size, d.classes, d.skip_bad_files, progress=progress)
+    meta = prepare(source, target, d.image_size, d.classes, d.skip_bad_files, progress=progress, layout=found.kind, val_fraction=d.val_fraction)
     return target, meta
-
-
-def _count_files(root: str | Path, split: str) -> int:
-    try:
-        return len(pairs.list_pairs(root, split))
-    except FileNotFoundError as e:
-        raise DataError(str(e)) from None

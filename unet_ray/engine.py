@@ -143,7 +143,9 @@ def evaluate(
 ) -> dict[str, ConfusionMatrix]:
     """Confusion matrices of `model` over `batches` (not reduced across processes): "train_size"
     against the masks at the training size and, with `native`, "native" against the batches'
-    `mask_native` (the pair's own resolution, 256x256), with the logits upsampled to it.
+    `mask_native` (each image's own resolution: 256x256 for pairs, 2048x1024 for Cityscapes), with
+    the logits upsampled to it one image at a time (a batch of 19-class logits at 2048x1024 would
+    take gigabytes).
     Both exist even when there are no batches, so every worker all-reduces the same matrices."""
     model.eval()
     confusion = {"train_size": ConfusionMatrix(num_classes, device)}
@@ -155,6 +157,7 @@ def evaluate(
             logits = predict_logits(model, x, flip_tta)
         confusion["train_size"].update(batch["mask"].to(device), predict_classes(logits))
         if native:
-            truth = batch["mask_native"].to(device)
-            confusion["native"].update(truth, predict_classes(to_native_size(logits, truth.shape[-2:])))
+            for one_logits, truth in zip(logits, batch["mask_native"]):
+                truth = truth.to(device)
+                confusion["native"].update(truth, predict_classes(to_native_size(one_logits[None], truth.shape[-2:]))[0])
     return confusion

@@ -1,7 +1,10 @@
 """`unet-ray evaluate`: the metrics of a checkpoint over a whole split, in one process, no Ray.
 
-Reads the same rows training validates on: a prepared folder's Parquet as stored, or a pairs
-folder decoded exactly as `prepare` does, so the IoU here equals the IoU that N workers report.
+Reads the same rows training validates on: a prepared folder's Parquet as stored, or a data folder
+(any of layouts.LAYOUTS) decoded exactly as `prepare` does, so the IoU here equals the IoU that N
+workers report. From a data folder it also scores every image at its own size (val_*_native: the
+logits upsampled bilinearly to the mask's size), the figure Cityscapes' own evaluation
+(cityscapesscripts' evalPixelLevelSemanticLabeling) reports for the same predictions.
 Checkpoint and data may be local paths or object-storage URIs (storage.py).
 """
 
@@ -15,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_ray import engine, metrics, palette, storage
+from unet_ray import engine, layouts, metrics, palette, storage
 from unet_ray.checkpoint import load_model
-from unet_ray.pairs import BadPairError, is_pairs_folder, list_pairs, read_pair
+from unet_ray.config import image_shape
+from unet_ray.pairs import BadPairError
 from unet_ray.prepared_format import DataError, check_compatible, looks_prepared, read_meta, read_prepared_split
 from unet_ray.transforms import resize_pair
 
@@ -26,15 +30,20 @@ def iter_split(
     data: str | Path,
     split: str,
     label_set: str,
-    image_size: int,
+    image_size: int | str,
     batch_size: int = 32,
     skipped: list[str] | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """uint8 image/mask tensor batches of `split` from a pairs folder or a prepared folder (a local
-    path or a URI), with `mask_native` (the mask at the pair's own 256x256) where the source has
-    it: always for pairs, for the val split of a prepared folder.
+    layout: str = "auto",
+    class_names: list[str] | None = None,
+    val_fraction: float = 0.2,
+) -> Iterator[dict[str, Any]]:
+    """uint8 image/mask tensor batches of `split` of a data folder or a prepared folder (a local
+    path or a URI), at `image_size` and with the classes of `label_set` (a checkpoint's; for
+    "custom", the data's class names must be `class_names`), with `mask_native`
+    (each image's mask at its own size: a list of tensors) for a data folder and for the val split
+    of prepared pairs.
 
-    A bad pair file raises a DataError naming it; when a `skipped` list is given, bad files are
+    A bad file raises a DataError naming it; when a `skipped` list is given, bad files are
     left out and their messages appended to it instead. Messages name URIs redacted.
     """
     remote = storage.is_uri(data)
@@ -42,38 +51,53 @@ def iter_split(
     shown = storage.redact(data)
     if not (storage.exists(data) if remote else data.exists()):
         raise DataError(f"data folder {shown} does not exist")
-    if is_pairs_folder(data) and not looks_prepared(data):  # each takes URIs too
-        try:
-            files = list_pairs(data, split)  # URIs for a URI
-        except FileNotFoundError as e:
-            raise DataError(str(e)) from None
-        images, masks, native = [], [], []
-        for path in files:
-            try:
-                pair = read_pair(path)  # a URI's bytes are read with storage.read_bytes
-            except BadPairError as e:
-                if skipped is None:
-                    raise DataError(f"{e} (pass --skip-bad-files to leave such files out)") from None
-                skipped.append(str(e))
-                continue
-            photo, ids = resize_pair(pair.photo, pair.train_ids, image_size)
-            images.append(photo)
-            masks.append(palette.to_label_set(ids, label_set))
-            native.append(palette.to_label_set(pair.train_ids, label_set))
-            if len(images) == batch_size:
-                yield _batch(images, masks, native)
-                images, masks, native = [], [], []
-        if images:
-            yield _batch(images, masks, native)
+    shape = image_shape(image_size)
+    if looks_prepared(data):
+        meta = read_meta(data)
+        check_compatible(meta, shown, label_set, image_size)
+        _check_class_names(meta["class_names"], class_names, shown)
+        arrays = read_prepared_split(data, split, shape)
+        for start in range(0, len(arrays["image"]), batch_size):
+            yield {k: torch.from_numpy(a[start : start + batch_size].copy()) for k, a in arrays.items()}
         return
-    check_compatible(read_meta(data), shown, label_set, image_size)
-    arrays = read_prepared_split(data, split, image_size)
-    for start in range(0, len(arrays["image"]), batch_size):
-        yield {k: torch.from_numpy(a[start : start + batch_size].copy()) for k, a in arrays.items()}
+    found = layouts.detect(data, layout, val_fraction)
+    if layouts.check_classes(found, label_set) != label_set:  # a DataError when they do not fit at all
+        raise DataError(f"{shown} ({found.kind} layout) has other classes than the checkpoint ({label_set})")
+    if found.classes is not None and label_set == "custom":
+        _check_class_names(list(found.classes.names), class_names, shown)
+    items, problems = found.items(split)
+    if problems and skipped is None:
+        raise DataError(f"{problems[0]} (and {len(problems) - 1} more) (pass --skip-bad-files to leave such files out)" if len(problems) > 1
+                        else f"{problems[0]} (pass --skip-bad-files to leave such files out)")  # fmt: skip
+    if skipped is not None:
+        skipped += problems
+    images, masks, native = [], [], []
+    for item in items:
+        try:
+            photo, class_ids = layouts.read_item(item, found.coding)  # a URI's bytes are read with storage.read_bytes
+        except BadPairError as e:
+            if skipped is None:
+                raise DataError(f"{e} (pass --skip-bad-files to leave such files out)") from None
+            skipped.append(str(e))
+            continue
+        small, small_ids = resize_pair(photo, class_ids, shape)
+        images.append(small)
+        masks.append(palette.to_label_set(small_ids, label_set))
+        native.append(torch.from_numpy(palette.to_label_set(class_ids, label_set)))
+        if len(images) == batch_size:
+            yield _batch(images, masks, native)
+            images, masks, native = [], [], []
+    if images:
+        yield _batch(images, masks, native)
 
 
-def _batch(images: list[np.ndarray], masks: list[np.ndarray], native: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.stack(rows)) for name, rows in (("image", images), ("mask", masks), ("mask_native", native))}
+def _check_class_names(names: list[str], wanted: list[str] | None, shown: str) -> None:
+    if wanted is not None and list(names) != list(wanted):
+        raise DataError(f"{shown} has the classes {', '.join(names)}, but the checkpoint predicts {', '.join(wanted)}")
+
+
+def _batch(images: list[np.ndarray], masks: list[np.ndarray], native: list[torch.Tensor]) -> dict[str, Any]:
+    return {"image": torch.from_numpy(np.stack(images)), "mask": torch.from_numpy(np.stack(masks)), "mask_native": native}
 
 
 def evaluate_checkpoint(
@@ -83,16 +107,20 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     skip_bad_files: bool = False,
     flip_tta: bool = False,
+    layout: str = "auto",
 ) -> dict[str, Any]:
-    """Metrics of `checkpoint` on `data` (each a local path or a URI); the label set and image size
-    come from the checkpoint.
+    """Metrics of `checkpoint` on `data` (each a local path or a URI); the classes and image size
+    come from the checkpoint, the layout of `data` is detected (or forced by `layout`).
 
     val_* figures compare with the masks at the training size; val_*_native (where the data has
-    the pairs' own masks) with the 256x256 masks, the logits upsampled bilinearly. With
-    `flip_tta` the logits are the mean over the photo and its mirror image."""
+    each image's own mask: data folders, and prepared pairs) with the masks at the images' own
+    sizes, the logits upsampled bilinearly. With `flip_tta` the logits are the mean over the
+    photo and its mirror image."""
     model, cfg, state = load_model(checkpoint)
     skipped: list[str] | None = [] if skip_bad_files else None
-    batches = iter(iter_split(data, split, cfg.data.classes, cfg.data.image_size, batch_size, skipped))
+    custom_names = list(cfg.class_set.names) if cfg.data.classes == "custom" else None
+    batches = iter(iter_split(data, split, cfg.data.classes, cfg.data.image_size, batch_size, skipped, layout,
+                              custom_names, cfg.data.val_fraction))  # fmt: skip
     first = next(batches, None)
     rows = [0]
 
@@ -112,7 +140,7 @@ def evaluate_checkpoint(
     if pixels == 0:
         raise DataError(f"{storage.redact(data)}: the {split} split has no labelled pixels to evaluate")
     scores = confusion["train_size"].compute()
-    names = palette.class_names(cfg.data.classes)
+    names = list(cfg.class_set.names)
     native_figures = {}
     if native:
         native_scores = confusion["native"].compute()
@@ -135,6 +163,6 @@ def evaluate_checkpoint(
         "val_iou_per_class": dict(zip(names, scores["iou_per_class"])),
         **native_figures,
         "val_pixels": pixels,
-        "pairs": rows[0],  # the pairs read and scored; bad files left out are in skipped_files
+        "images": rows[0],  # the images read and scored; bad files left out are in skipped_files
         "skipped_files": skipped or [],
     }

@@ -43,17 +43,19 @@ class ExportError(ValueError):
 
 def metadata(cfg, state: dict[str, Any], checkpoint: str) -> dict[str, str]:
     """What a server needs to feed the model and read its output (all values strings, as ONNX wants)."""
-    size = cfg.data.image_size
+    height, width = cfg.data.shape
+    classes = cfg.class_set
     return {
         "format": FORMAT_MARKER,
-        "image_size": str(size),
+        "image_size": str(cfg.data.image_size),
         "classes": cfg.data.classes,
-        "class_names": json.dumps(palette.class_names(cfg.data.classes)),
-        "input": f"{INPUT_NAME}: float32 (N, 3, {size}, {size}) RGB in [-1, 1] = uint8 / 127.5 - 1",
+        "class_names": json.dumps(list(classes.names)),
+        "class_colors": json.dumps([palette.color_hex(c) for c in classes.colors]),
+        "input": f"{INPUT_NAME}: float32 (N, 3, {height}, {width}) RGB in [-1, 1] = uint8 / 127.5 - 1",
         "output": (
-            f"{OUTPUT_NAME}: float32 (N, 1, {size}, {size}); road where logit > 0"
+            f"{OUTPUT_NAME}: float32 (N, 1, {height}, {width}); class 1 ({classes.names[1]}) where logit > 0"
             if cfg.num_classes == 2
-            else f"{OUTPUT_NAME}: float32 (N, {cfg.num_classes}, {size}, {size}); class = argmax over dim 1"
+            else f"{OUTPUT_NAME}: float32 (N, {cfg.num_classes}, {height}, {width}); class = argmax over dim 1"
         ),
         "checkpoint": checkpoint,
         "epoch": str(state["epoch"]),
@@ -71,8 +73,7 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike) -> P
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; give a file name (e.g. {out / ('model.' + _suffix(fmt))})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    size = cfg.data.image_size
-    example = torch.zeros(TRACE_BATCH, 3, size, size)
+    example = torch.zeros(TRACE_BATCH, 3, *cfg.data.shape)
     meta = metadata(cfg, state, str(resolve(checkpoint)))
     # Written under a temporary name, renamed when complete: a failed export leaves no half file.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

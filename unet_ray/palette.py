@@ -73,15 +73,65 @@ ROAD_TRAIN_ID = 0
 LABEL_SETS = ("road", "cityscapes19")
 
 
-def class_names(label_set: str) -> list[str]:
+@dataclass(frozen=True)
+class ClassSet:
+    """The classes a model predicts: names and display colours by class id (0..K-1); 255 = ignored.
+
+    `label_set` is "road" or "cityscapes19" (from the Cityscapes label table) or "custom" (a data
+    set's own classes, from its classes.yaml; config.data.class_names / class_colors)."""
+
+    label_set: str
+    names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def colorize(self, class_ids: np.ndarray) -> np.ndarray:
+        """Class ids (H, W) -> colours (H, W, 3) for viewing; ignored pixels are black."""
+        table = np.zeros((256, 3), dtype=np.uint8)
+        table[: len(self.colors)] = self.colors
+        return table[class_ids]
+
+
+def class_set(label_set: str, names: list[str] | tuple[str, ...] = (), colors=()) -> ClassSet:
+    """The ClassSet of a label set; "custom" takes the data set's `names` and `colors`."""
+    if label_set == "custom":
+        if not names or len(names) != len(colors):
+            raise ValueError(f"custom classes need as many colours as names (got {len(names)} names, {len(colors)} colours)")
+        return ClassSet("custom", tuple(names), tuple(tuple(int(v) for v in c) for c in colors))
     check_label_set(label_set)
     if label_set == "road":
-        return ["rest", "road"]
-    return [lb.name for lb in TRAIN_LABELS]
+        return ClassSet("road", ("rest", "road"), ((0, 0, 0), LABELS[7].color))
+    return ClassSet(label_set, tuple(lb.name for lb in TRAIN_LABELS), tuple(lb.color for lb in TRAIN_LABELS))
+
+
+def class_names(label_set: str) -> list[str]:
+    return list(class_set(label_set).names)
 
 
 def num_classes(label_set: str) -> int:
-    return len(class_names(label_set))
+    return len(class_set(label_set))
+
+
+def parse_color(value) -> tuple[int, int, int]:
+    """[r, g, b] or "#rrggbb" -> (r, g, b); a ValueError naming the value otherwise."""
+    if isinstance(value, str) and len(value) == 7 and value.startswith("#"):
+        try:
+            return tuple(int(value[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            pass
+    elif isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in value):
+        return tuple(value)  # type: ignore[return-value]
+    raise ValueError(f"colour {value!r}: give [r, g, b] with values 0-255 or \"#rrggbb\"")
+
+
+def color_hex(color) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*color)
+
+
+# Colours for classes a classes.yaml names without colours: a qualitative palette, repeated.
+DEFAULT_COLORS = tuple(lb.color for lb in TRAIN_LABELS)
 
 
 def check_label_set(label_set: str) -> None:
@@ -153,7 +203,10 @@ PALETTE_TOLERANCE = 20
 
 
 def to_label_set(train_ids: np.ndarray, label_set: str) -> np.ndarray:
-    """Train ids (0..18, 255) -> class ids of a label set: road is binary, cityscapes19 is as is."""
+    """Train ids (0..18, 255) -> class ids of a label set: road is binary, cityscapes19 is as is;
+    "custom" ids are a data set's own class ids already (layouts.py), also as is."""
+    if label_set == "custom":
+        return train_ids
     check_label_set(label_set)
     if label_set == "road":
         return (train_ids == ROAD_TRAIN_ID).astype(np.uint8)
@@ -162,11 +215,4 @@ def to_label_set(train_ids: np.ndarray, label_set: str) -> np.ndarray:
 
 def colorize(class_ids: np.ndarray, label_set: str) -> np.ndarray:
     """Class ids (H, W) -> palette colours (H, W, 3) for viewing; ignored pixels are black."""
-    check_label_set(label_set)
-    table = np.zeros((256, 3), dtype=np.uint8)
-    if label_set == "road":
-        table[1] = LABELS[7].color
-    else:
-        for lb in TRAIN_LABELS:
-            table[lb.train_id] = lb.color
-    return table[class_ids]
+    return class_set(label_set).colorize(class_ids)

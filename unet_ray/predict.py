@@ -23,7 +23,9 @@ summary.json at the end. Every path or URI printed or written is redacted (stora
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import math
 import os
 import time
@@ -32,7 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from unet_ray import jsonfile, palette, storage
+from unet_ray import jsonfile, layouts, palette, storage
 from unet_ray.pairs import PAIR_HEIGHT, PAIR_WIDTH, SPLITS, BadPairError, decode_pair, is_pairs_folder, list_pairs, uri_stem
 from unet_ray.prepared_format import DataError
 
@@ -65,7 +67,7 @@ class PredictionFailed(RuntimeError):
 
 
 def list_inputs(
-    inputs: list[str], kind: str = "auto", out: str | os.PathLike | None = None
+    inputs: list[str], kind: str = "auto", out: str | os.PathLike | None = None, classes: palette.ClassSet | None = None
 ) -> tuple[list[dict[str, str]], dict[str, str]]:
     """(one item {path, name, kind, split} per input file, with output names that never collide;
     {output name: input path} of the inputs whose names had to be told apart).
@@ -74,6 +76,8 @@ def list_inputs(
       `<split>_<stem>`, so train/1.jpg and val/1.jpg give train_1_* and val_1_*;
     - any other folder: its image files, searched recursively, named by their relative path
       (prefixed with the folder's name when several inputs are given);
+    - a Cityscapes or folders layout's root (layouts.py): its images with their masks, named
+      `<split>_<path below the split>`, scored; their classes must be the model's `classes`;
     - a file: itself, named by its stem.
     Files under `out` are left out, so predicting into the input folder does not re-read masks.
     A name that is still taken gets -2, -3, ... appended; the second value then names the input of
@@ -91,7 +95,7 @@ def list_inputs(
     taken: dict[str, str] = {}  # output name -> input path
     collisions: dict[str, str] = {}
 
-    def add(path: Path | str, name: str, item_kind: str, split: str = "") -> None:
+    def add(path: Path | str, name: str, item_kind: str, split: str = "", mask: str = "", coding: str = "") -> None:
         unique, n = name, 1
         while unique in taken:
             n += 1
@@ -99,17 +103,19 @@ def list_inputs(
         taken[unique] = storage.redact(str(path))
         if unique != name:
             collisions[name], collisions[unique] = taken[name], taken[unique]
-        items.append({"path": str(path), "name": unique, "kind": item_kind, "split": split})
+        items.append({"path": str(path), "name": unique, "kind": item_kind, "split": split, "mask": mask or "", "coding": coding})
 
     for given in inputs:
         if storage.is_uri(given):
-            _list_uri(given, kind, out_uri, len(inputs) > 1, add)
+            _list_uri(given, kind, out_uri, len(inputs) > 1, add, classes)
             continue
         path = Path(given).expanduser().resolve()
         if not path.exists():
             raise DataError(f"input {given} does not exist")
         if path.is_file():
             add(path, path.stem, kind)
+        elif _add_layout(path, add, classes):
+            pass
         elif is_pairs_folder(path):
             for split in SPLITS:
                 if not (path / split).is_dir():
@@ -134,11 +140,40 @@ def list_inputs(
     return items, collisions
 
 
+def _add_layout(root: Path | str, add, classes: palette.ClassSet | None) -> bool:
+    """A Cityscapes or folders layout's images with their masks, named <split>_<name> (the path
+    below the split's folder, "/" -> "_"), to be predicted and scored against the model's
+    `classes` (a DataError when they do not fit); False for other folders."""
+    kind = layouts.kind_of(root)
+    if kind not in ("cityscapes", "folders"):
+        return False
+    found = layouts.detect(root, kind)  # a bad classes.yaml is an error, not a folder of photos
+    if classes is not None:
+        own = found.classes.names if found.classes is not None else ()
+        fits = classes.label_set in ("road", "cityscapes19") if kind == "cityscapes" else tuple(own) == tuple(classes.names)
+        if not fits:
+            raise DataError(
+                f"input {storage.redact(root)} ({kind} layout, classes {', '.join(own)}) does not fit the "
+                f"checkpoint's classes ({classes.label_set}: {', '.join(classes.names)})"
+            )
+    coding = json.dumps(dataclasses.asdict(found.coding))
+    for split in SPLITS:
+        try:
+            items, problems = found.items(split)
+        except DataError:  # an empty split: nothing to predict there
+            continue
+        if problems:
+            raise DataError(f"{problems[0]}" + (f" (and {len(problems) - 1} more files without a partner)" if len(problems) > 1 else ""))
+        for item in items:
+            add(item.image, f"{split}_{item.name.replace('/', '_')}", "layout", split, mask=item.mask, coding=coding)
+    return True
+
+
 def _inside(path: Path, folder: Path | None) -> bool:
     return folder is not None and (path == folder or folder in path.parents)
 
 
-def _list_uri(given: str, kind: str, out_uri: str | None, prefixed: bool, add) -> None:
+def _list_uri(given: str, kind: str, out_uri: str | None, prefixed: bool, add, classes=None) -> None:
     """list_inputs for one input URI: a file, a pairs folder or a folder of photos (recursive),
     named as a local input of the same shape would be."""
     shown = storage.redact(given)
@@ -147,6 +182,8 @@ def _list_uri(given: str, kind: str, out_uri: str | None, prefixed: bool, add) -
         return
     if not storage.exists(given):
         raise DataError(f"input {shown} does not exist")
+    if _add_layout(given, add, classes):
+        return
     if is_pairs_folder(given):
         for split in SPLITS:
             try:
@@ -180,12 +217,22 @@ def _list_uri(given: str, kind: str, out_uri: str | None, prefixed: bool, add) -
 # ---------------------------------------------------------------------------------------------
 
 
-def read_input(path: str, kind: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
-    """(photo (H, W, 3) uint8, Cityscapes train ids of its colour mask or None) of one file.
+def read_input(path: str, kind: str = "auto", mask: str = "", coding: str = "") -> tuple[np.ndarray, np.ndarray | None]:
+    """(photo (H, W, 3) uint8, class ids of its mask (Cityscapes train ids for pairs) or None) of
+    one file.
 
     kind "pair": must be a pair file; "photo": any image, used whole; "auto": a pair file when it is
-    256x512 and its right half is a colour mask, else a photo. Raises BadInputError.
+    256x512 and its right half is a colour mask, else a photo; "layout": a photo with its `mask`
+    file, read as layouts.read_item reads it with the MaskCoding `coding` (JSON). Raises BadInputError.
     """
+    if kind == "layout":
+        values = json.loads(coding)
+        values["colors"] = tuple(tuple(c) for c in values["colors"])
+        values["ignore_color"] = tuple(values["ignore_color"]) if values["ignore_color"] else None
+        try:
+            return layouts.read_item(layouts.Item(path, mask, uri_stem(path)), layouts.MaskCoding(**values))
+        except BadPairError as e:
+            raise BadInputError(str(e)) from None
     if storage.is_uri(path):  # read here, in the actor: the driver never holds the photos
         try:
             data = storage.read_bytes(path)
@@ -305,7 +352,8 @@ class Predictor:
         # one photo size per run: cuDNN picks its fastest convolution once and keeps it
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         self.model, cfg, _ = load_model(checkpoint, self.device)
-        self.size, self.label_set, self.num_classes = cfg.data.image_size, cfg.data.classes, cfg.num_classes
+        self.shape, self.label_set, self.num_classes = cfg.data.shape, cfg.data.classes, cfg.num_classes
+        self.classes = cfg.class_set
         self.out = out if storage.is_uri(out) else Path(out)
         self.overlay, self.skip_existing = overlay, skip_existing
         self.flip_tta = flip_tta
@@ -318,24 +366,26 @@ class Predictor:
         # (row, photo's (h, w), the photo itself only when an overlay needs it, photo at model size,
         # truth at model size or None): large photos are not kept a whole batch long without need
         loaded = []
-        for i, (path, name, kind) in enumerate(zip(batch["path"], batch["name"], batch["kind"])):
+        no_masks = np.array([""] * n, dtype=object)  # items of photos and pairs may leave these out
+        columns = (batch["path"], batch["name"], batch["kind"], batch.get("mask", no_masks), batch.get("coding", no_masks))
+        for i, (path, name, kind, mask, coding) in enumerate(zip(*columns)):
             if self.skip_existing and all(_is_file(p) for p in output_paths(self.out, name, self.overlay)):
                 status[i] = "exists"
                 continue
             try:
-                photo, train_ids = read_input(path, kind)
+                photo, train_ids = read_input(path, kind, mask, coding)
             except BadInputError as e:
                 status[i], errors[i] = "bad", str(e)
                 continue
-            small, truth = to_model_size(photo, train_ids, self.size, self.label_set)
+            small, truth = to_model_size(photo, train_ids, self.shape, self.label_set)
             loaded.append((i, photo.shape[:2], photo if self.overlay else None, small, truth))
         if loaded:
-            classes = self._predict(np.stack([row[3] for row in loaded]))
-            for (i, shape, photo, _, truth), pred in zip(loaded, classes):
+            logits = self._predict(np.stack([row[3] for row in loaded]))
+            for (i, shape, photo, _, truth), one_logits in zip(loaded, logits):
                 if truth is not None:
-                    confusion[i], has_truth[i] = confusion_counts(truth, pred, k), True
+                    confusion[i], has_truth[i] = confusion_counts(truth, _classes(one_logits), k), True
                 try:
-                    self._write(batch["name"][i], shape, pred, photo)
+                    self._write(batch["name"][i], _classes(one_logits, shape), photo)
                 except (OSError, storage.StorageError) as e:
                     where, out = storage.redact(batch["path"][i]), storage.redact(str(self.out))
                     status[i], errors[i] = "unwritten", f"{where}: outputs cannot be written to {out} ({e})"
@@ -348,27 +398,17 @@ class Predictor:
             "confusion": confusion,
         }
 
-    def _predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> class ids (N, S, S) uint8; fp32 also on GPUs, as evaluate runs."""
+    def _predict(self, images: np.ndarray):
+        """uint8 (N, H, W, 3) -> fp32 logits (N, K, H, W) on the CPU; fp32 also on GPUs, as evaluate runs."""
         import torch
 
-        from unet_ray.engine import predict_logits, to_model_input
-        from unet_ray.model import predict_classes
-
-        from unet_ray.engine import exact_fp32
+        from unet_ray.engine import exact_fp32, predict_logits, to_model_input
 
         with torch.inference_mode(), exact_fp32(self.device):  # TF32 off on GPUs: the IoU equals evaluate's
-            logits = predict_logits(self.model, to_model_input(torch.from_numpy(images), self.device), self.flip_tta)
-            return predict_classes(logits).to(torch.uint8).cpu().numpy()
+            return predict_logits(self.model, to_model_input(torch.from_numpy(images), self.device), self.flip_tta).cpu()
 
-    def _write(self, name: str, shape: tuple[int, int], pred: np.ndarray, photo: np.ndarray | None) -> None:
-        import cv2
-
-        h, w = shape
-        # INTER_NEAREST_EXACT samples pixel centres; plain INTER_NEAREST shifts the mask by up to
-        # half a source pixel against the photo when enlarging.
-        mask = cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST_EXACT) if pred.shape != (h, w) else pred
-        color = palette.colorize(mask, self.label_set)
+    def _write(self, name: str, mask: np.ndarray, photo: np.ndarray | None) -> None:
+        color = self.classes.colorize(mask)
         paths = output_paths(self.out, name, self.overlay)
         save_png(mask, paths[0])
         save_png(color, paths[1])
@@ -376,8 +416,21 @@ class Predictor:
             save_png(overlay_image(photo, color), paths[2])
 
 
-def to_model_size(photo: np.ndarray, train_ids: np.ndarray | None, size: int, label_set: str):
-    """(photo at size x size, class ids of the label set at size x size or None).
+def _classes(logits, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """One image's logits (K, h, w) -> class ids (uint8) at the model's size, or at `shape` (the
+    photo's own size: the logits upsampled bilinearly first, as evaluate scores native sizes)."""
+    import torch
+
+    from unet_ray.engine import to_native_size
+    from unet_ray.model import predict_classes
+
+    with torch.inference_mode():
+        logits = logits[None] if shape is None else to_native_size(logits[None], shape)
+        return predict_classes(logits)[0].to(torch.uint8).numpy()
+
+
+def to_model_size(photo: np.ndarray, train_ids: np.ndarray | None, size: int | tuple[int, int], label_set: str):
+    """(photo at the model's (height, width), class ids of the label set at that size or None).
 
     Pairs go through transforms.resize_pair, as evaluate and prepare resize them; plain photos are
     shrunk the same way (area interpolation: no aliasing), whatever their aspect ratio.
@@ -389,8 +442,9 @@ def to_model_size(photo: np.ndarray, train_ids: np.ndarray | None, size: int, la
     if train_ids is not None:
         small, ids = resize_pair(photo, train_ids, size)
         return small, palette.to_label_set(ids, label_set)
-    if photo.shape[:2] != (size, size):
-        photo = cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA)
+    height, width = (size, size) if isinstance(size, int) else size
+    if photo.shape[:2] != (height, width):
+        photo = cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(photo), None
 
 
@@ -510,7 +564,7 @@ def predict(
     remote = storage.is_uri(out)
     out = os.fspath(out) if remote else Path(out).expanduser().resolve()
     shown_out, skipped_list = storage.redact(str(out)), storage.join(out, SKIPPED_FILE)
-    items, name_collisions = list_inputs(inputs, kind, out)
+    items, name_collisions = list_inputs(inputs, kind, out, cfg.class_set)
     try:
         if remote:
             storage.write_text(skipped_list, "")  # also proves the folder is writable, before Ray starts

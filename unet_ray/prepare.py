@@ -1,18 +1,18 @@
-"""Pairs folder -> prepared Parquet, decoded by Ray Data tasks (in the calling process for a few
-hundred pairs or fewer: IN_PROCESS_MAX_PAIRS). Reading and checking a prepared folder, without
-Ray, is prepared_format.py.
+"""A data folder in any layout (layouts.py) -> prepared Parquet, decoded by Ray Data tasks (in the
+calling process for a few hundred files or fewer: IN_PROCESS_MAX_PAIRS). Reading and checking a
+prepared folder, without Ray, is prepared_format.py.
 
 Layout of a prepared folder:
-    meta.json         format marker, image size, label set, class names, row counts, training
-                      pixels per class, bytes, skipped files
-    train/*.parquet   columns id (file stem), split, image (raw uint8 S*S*3), mask (raw uint8 S*S);
-                      rows in a fixed random order, part files of ~16 MB in row groups of 64 rows
-    val/*.parquet     the same, plus mask_native (raw uint8 256*256: the mask at the pair's own
-                      resolution, for the native-size IoU users compare against)
+    meta.json         format marker, image size, source layout, label set, class names and colours,
+                      row counts, training pixels per class, bytes, skipped files
+    train/*.parquet   columns id (the item's name), split, image (raw uint8 H*W*3), mask (raw uint8
+                      H*W); rows in a fixed random order, part files of ~16 MB in row groups of 64 rows
+    val/*.parquet     the same; for pairs also mask_native (raw uint8 256*256: the mask at the pair's
+                      own resolution, for the native-size IoU users compare against)
     skipped.txt       files left out with --skip-bad-files, one "path: reason" per line
 
 Images are stored decoded, resized and with class ids already computed, so a training epoch only
-reads bytes: no JPEG decoding and no palette matching per epoch.
+reads bytes: no image decoding and no label mapping per epoch.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from unet_ray import palette, storage
+from unet_ray import layouts, palette, storage
+from unet_ray.config import image_shape, image_size_value
 from unet_ray.console import CountProgress
-from unet_ray.pairs import SPLITS, BadPairError, list_pairs, read_pair, uri_stem
+from unet_ray.layouts import Item, Layout, MaskCoding
+from unet_ray.pairs import SPLITS, BadPairError
 from unet_ray.prepared_format import FORMAT, META_FILE, NATIVE_SIZE, SKIPPED_FILE, DataError
 from unet_ray.transforms import resize_pair
 
@@ -50,27 +52,30 @@ ROW_GROUP_ROWS = 64
 PREPARE_SEED = 0  # the prepared train rows' random order
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, label_set: str) -> dict[str, Any]:
-    """map_batches function: pair paths -> prepared rows. A bad file gives a row with `error` set."""
+def decode_batch(batch: dict[str, np.ndarray], image_size: int | str, label_set: str, coding: MaskCoding) -> dict[str, Any]:
+    """map_batches function: items (image, mask, name, split) -> prepared rows. A bad file gives a
+    row with `error` set. Val rows of pairs keep the mask at the pair's own 256x256 as well."""
+    shape = image_shape(image_size)
     ids, images, masks, native_masks, errors = [], [], [], [], []
-    for path, split in zip(batch["path"], batch["split"]):
+    for image, mask, name, split in zip(batch["image"], batch["mask"], batch["name"], batch["split"]):
         try:
-            pair = read_pair(path)
-            photo, train_ids = resize_pair(pair.photo, pair.train_ids, image_size)
-            images.append(photo.tobytes())
-            masks.append(palette.to_label_set(train_ids, label_set).tobytes())
-            native_masks.append(palette.to_label_set(pair.train_ids, label_set).tobytes() if split == "val" else b"")
+            photo, class_ids = layouts.read_item(Item(image, mask or None, name), coding)
+            small, small_ids = resize_pair(photo, class_ids, shape)
+            images.append(small.tobytes())
+            masks.append(palette.to_label_set(small_ids, label_set).tobytes())
+            keep_native = split == "val" and coding.layout == "pairs"
+            native_masks.append(palette.to_label_set(class_ids, label_set).tobytes() if keep_native else b"")
             errors.append("")
         except BadPairError as e:
             images.append(b"")
             masks.append(b"")
             native_masks.append(b"")
             errors.append(str(e))
-        ids.append(uri_stem(path))
+        ids.append(name)
     return {
         "id": np.array(ids, dtype=object),
         "split": batch["split"],
-        "path": batch["path"],
+        "path": batch["image"],
         "image": np.array(images, dtype=object),
         "mask": np.array(masks, dtype=object),
         "mask_native": np.array(native_masks, dtype=object),
@@ -78,40 +83,47 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, label_set: str) 
     }
 
 
-def list_source(src: str | Path) -> dict[str, list]:
-    """The pair files of train/ and val/; a DataError when either is missing or empty."""
-    files: dict[str, list[Path]] = {}
+def source_layout(src: str | os.PathLike, layout: str = "auto", val_fraction: float = 0.2) -> Layout:
+    """The layout of `src` with every split listed; a DataError when a split is missing or empty."""
+    found = layouts.detect(src, layout, val_fraction)
     for split in SPLITS:
-        try:
-            files[split] = list_pairs(src, split)
-        except FileNotFoundError as e:
-            raise DataError(str(e)) from None
-    return files
+        found.items(split)
+    return found
 
 
 def prepare(
     src: str | os.PathLike,
     out: str | os.PathLike,
-    image_size: int = 128,
-    label_set: str = "road",
+    image_size: int | str = 128,
+    label_set: str = "auto",
     skip_bad_files: bool = False,
     progress=print,
+    layout: str = "auto",
+    val_fraction: float = 0.2,
 ) -> dict[str, Any]:
-    """Prepare `src` (train/ and val/ of pair JPEGs) into `out`; returns the meta written.
+    """Prepare the data folder `src` (any of layouts.LAYOUTS; `layout` forces one) into `out`;
+    returns the meta written. `label_set`: "auto" (the layout's own), "road", "cityscapes19", "custom".
 
-    Without skip_bad_files any bad file stops the run with a DataError listing the bad files and
-    nothing is written. With it, bad files are left out, listed in skipped.txt and counted.
+    Without skip_bad_files any bad file (one that cannot be read or checked, an image without its
+    mask and the like) stops the run with a DataError listing the bad files and nothing is written.
+    With it, bad files are left out, listed in skipped.txt and counted.
     Rows are written as they are decoded, a part file at a time: memory does not grow with the
     data set. Needs a running Ray (`ray.init`) only for more than IN_PROCESS_MAX_PAIRS files
     (`needs_ray`).
     """
-    palette.check_label_set(label_set)
     src = src if storage.is_uri(src) else Path(src).expanduser().resolve()
     out = out if storage.is_uri(out) else Path(out).expanduser().resolve()
+    image_size = image_size_value(image_size, bounded=False)
     shown_src, shown_out = storage.redact(src), storage.redact(out)
-    files = list_source(src)
+    found = source_layout(src, layout, val_fraction)
+    label_set = layouts.check_classes(found, label_set)
+    unpaired = found.check_paired(skip_bad_files)
+    files = {split: found.items(split)[0] for split in SPLITS}
     total = sum(len(v) for v in files.values())
-    progress(f"prepare: {total} pair files in {shown_src} ({', '.join(f'{s} {len(files[s])}' for s in SPLITS)})")
+    progress(
+        f"prepare: {total} images in {shown_src}, {layouts.describe(found)} "
+        f"({', '.join(f'{s} {len(files[s])}' for s in SPLITS)})" + (f"; {len(unpaired)} files without a partner left out" if unpaired else "")
+    )
 
     start = time.perf_counter()
     # A local output is written beside it and renamed into place: a reader sees all of it or
@@ -127,12 +139,14 @@ def prepare(
 
     remove_work()
     try:
-        meta, bad = _decode_and_write(files, shown_src, fs, work, image_size, label_set, progress)
+        meta, bad = _decode_and_write(files, shown_src, fs, work, image_size, label_set, found, progress)
+        bad = [{"path": problem.split(": ", 1)[0], "error": problem} for problem in unpaired] + bad
+        meta["skipped"] = len(bad)
         if bad and not skip_bad_files:
             listing = "\n  ".join(r["error"] for r in bad[:20])
             more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
             raise DataError(
-                f"{len(bad)} of {total} pair files in {shown_src} cannot be used:\n  {listing}{more}\n"
+                f"{len(bad)} of {total} files in {shown_src} cannot be used:\n  {listing}{more}\n"
                 "Fix or remove them, or pass --skip-bad-files to leave them out (they are listed in "
                 f"{SKIPPED_FILE} next to the output)."
             )
@@ -164,15 +178,16 @@ def _write_text(fs, path: str, text: str) -> None:
         f.write(text.encode())
 
 
-def rows_per_part_file(image_size: int) -> int:
+def rows_per_part_file(image_size: int | str, native: bool = True) -> int:
     """Rows of one Parquet part file: about PART_FILE_BYTES, whole row groups where they fit."""
-    row_bytes = image_size * image_size * 4 + NATIVE_SIZE * NATIVE_SIZE  # image, mask (, val's native mask)
+    height, width = image_shape(image_size)
+    row_bytes = height * width * 4 + (NATIVE_SIZE * NATIVE_SIZE if native else 0)  # image, mask (, pairs' native val mask)
     rows = max(1, PART_FILE_BYTES // row_bytes)
     return rows - rows % ROW_GROUP_ROWS if rows >= ROW_GROUP_ROWS else rows
 
 
-def _decode_and_write(files, shown_src: str, fs, work: str, image_size: int, label_set: str, progress):
-    """Decode every pair file and write the good rows into work/<split>/part-*.parquet (on the
+def _decode_and_write(files: dict[str, list[Item]], shown_src: str, fs, work: str, image_size, label_set: str, found: Layout, progress):
+    """Decode every item and write the good rows into work/<split>/part-*.parquet (on the
     filesystem `fs`) as they come; returns (meta, bad files)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -181,11 +196,12 @@ def _decode_and_write(files, shown_src: str, fs, work: str, image_size: int, lab
     # in city order, and both ingest paths mix rows only within blocks of rows read together
     # (data.py): a block of file-ordered rows would hold one or two cities.
     order = np.random.default_rng(PREPARE_SEED).permutation(len(files["train"]))
-    items = [{"path": str(files["train"][i]), "split": "train"} for i in order]
-    items += [{"path": str(p), "split": "val"} for p in files["val"]]
-    decode_args = {"image_size": image_size, "label_set": label_set}
-    meter = CountProgress("prepare: decoding", len(items), "pairs", printer=progress)
-    writers = {split: _PartWriter(fs, f"{work}/{split}", rows_per_part_file(image_size), keep_native=split == "val")
+    chosen = [(files["train"][i], "train") for i in order] + [(item, "val") for item in files["val"]]
+    items = [{"image": item.image, "mask": item.mask or "", "name": item.name, "split": split} for item, split in chosen]
+    decode_args = {"image_size": image_size, "label_set": label_set, "coding": found.coding}
+    meter = CountProgress("prepare: decoding", len(items), "images", printer=progress)
+    pairs_layout = found.kind == "pairs"
+    writers = {split: _PartWriter(fs, f"{work}/{split}", rows_per_part_file(image_size, pairs_layout), keep_native=split == "val" and pairs_layout)
                for split in SPLITS}  # fmt: skip
     class_pixels = np.zeros(256, np.int64)
     bad: list[dict[str, str]] = []
@@ -207,18 +223,20 @@ def _decode_and_write(files, shown_src: str, fs, work: str, image_size: int, lab
     for split in SPLITS:
         counts[split] = writers[split].close()
         if counts[split] == 0:  # the caller removes tmp
-            raise DataError(f"{storage.join(shown_src, split)}: no usable pair files (all {len(files[split])} were bad)")
-    names = palette.class_names(label_set)
+            raise DataError(f"{storage.join(shown_src, split)}: no usable images (all {len(files[split])} were bad)")
+    classes = found.classes if label_set == "custom" else palette.class_set(label_set)
     meta = {
         "format": FORMAT,
         "image_size": image_size,
+        "layout": found.kind,
         "classes": label_set,
-        "native_size": NATIVE_SIZE,
-        "class_names": names,
+        "native_size": NATIVE_SIZE if pairs_layout else None,
+        "class_names": list(classes.names),
+        "class_colors": [palette.color_hex(c) for c in classes.colors],
         "counts": counts,
         # training pixels per class (ignored pixels left out): what class weights are computed from,
         # without reading every mask again
-        "class_pixels": [int(c) for c in class_pixels[: len(names)]],
+        "class_pixels": [int(c) for c in class_pixels[: len(classes)]],
         "bytes": sum(writer.bytes for writer in writers.values()),
         "skipped": len(bad),
         "source": str(shown_src),
@@ -235,7 +253,7 @@ def _decoded_batches(items: list[dict[str, str]], decode_args: dict[str, Any]):
     if len(items) <= IN_PROCESS_MAX_PAIRS:
         for offset in range(0, len(items), DECODE_BATCH):
             chunk = items[offset : offset + DECODE_BATCH]
-            columns = {key: np.array([item[key] for item in chunk], dtype=object) for key in ("path", "split")}
+            columns = {key: np.array([item[key] for item in chunk], dtype=object) for key in ("image", "mask", "name", "split")}
             yield pa.table(decode_batch(columns, **decode_args))
         return
     import ray
@@ -286,7 +304,8 @@ class _PartWriter:
         self.files += 1
 
 
-def needs_ray(src: str | os.PathLike) -> bool:
+def needs_ray(src: str | os.PathLike, layout: str = "auto", val_fraction: float = 0.2) -> bool:
     """Whether `prepare(src, ...)` decodes with Ray Data tasks (and so needs Ray started)."""
     src = src if storage.is_uri(src) else Path(src).expanduser()
-    return sum(len(v) for v in list_source(src).values()) > IN_PROCESS_MAX_PAIRS
+    found = source_layout(src, layout, val_fraction)
+    return sum(len(found.items(split)[0]) for split in SPLITS) > IN_PROCESS_MAX_PAIRS

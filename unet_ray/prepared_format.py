@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 
 from unet_ray import storage
+from unet_ray.config import image_shape, image_size_value
 from unet_ray.pairs import PAIR_HEIGHT, SPLITS
 
 META_FILE = "meta.json"
 SKIPPED_FILE = "skipped.txt"
-FORMAT = "unet_ray.prepared/3"  # /2: val rows carry mask_native; /3: shuffled train rows, class_pixels
+# /2: val rows carry mask_native; /3: shuffled train rows, class_pixels; /4: layouts, HxW sizes, class colours
+FORMAT = "unet_ray.prepared/4"
 NATIVE_SIZE = PAIR_HEIGHT  # each half of a pair is 256x256
 
 
@@ -25,16 +27,17 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the file or folder."""
 
 
-def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Prepared rows (an Arrow table or record batch) -> {"image": (N,S,S,3), "mask": (N,S,S)} uint8,
-    and "mask_native" (N,256,256) when the rows have it (val).
+def prepared_arrays(rows: Any, image_size: int | str | tuple[int, int], source: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Prepared rows (an Arrow table or record batch) -> {"image": (N,H,W,3), "mask": (N,H,W)} uint8,
+    and "mask_native" (N,256,256) when the rows have it (val of pairs).
 
     The arrays are read-only views of the Arrow buffers, not copies: for the full data set at
     256 px a per-row conversion would hold the 600 MB of pixels two or three times over.
     """
     import pyarrow as pa
 
-    shapes = {"image": (image_size, image_size, 3), "mask": (image_size, image_size)}
+    height, width = image_shape(image_size)
+    shapes = {"image": (height, width, 3), "mask": (height, width)}
     if "mask_native" in rows.column_names:
         shapes["mask_native"] = (NATIVE_SIZE, NATIVE_SIZE)
     arrays = {}
@@ -50,7 +53,7 @@ def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> di
         offsets = np.frombuffer(column.buffers()[1], offset_type)[column.offset : column.offset + n + 1]
         if column.null_count or not np.all(np.diff(offsets) == row_bytes):
             raise DataError(
-                f"{source}: {name} rows are not {image_size}x{image_size} uint8 pixels as meta.json says; "
+                f"{source}: {name} rows are not {height}x{width} uint8 pixels as meta.json says; "
                 "prepare the data again"
             )
         values = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
@@ -59,7 +62,7 @@ def prepared_arrays(rows: Any, image_size: int, source: str | os.PathLike) -> di
     return arrays
 
 
-def read_prepared_split(prepared: str | os.PathLike, split: str, image_size: int) -> dict[str, np.ndarray]:
+def read_prepared_split(prepared: str | os.PathLike, split: str, image_size: int | str | tuple[int, int]) -> dict[str, np.ndarray]:
     """One split of a prepared folder (a local path or a URI) as uint8 arrays (see
     `prepared_arrays`), read in this process with pyarrow: no Ray tasks (the in-memory ingest path
     reads it in the driver, evaluate without Ray)."""
@@ -69,8 +72,7 @@ def read_prepared_split(prepared: str | os.PathLike, split: str, image_size: int
     folder = storage.join(prepared, split)
     try:
         fs, path = storage.resolve(folder)
-        columns = ["image", "mask"] + (["mask_native"] if split == "val" else [])
-        table = pq.read_table(path, columns=columns, filesystem=fs)
+        table = pq.read_table(path, filesystem=fs)  # val of pairs has mask_native, other val rows not
     except (pa.ArrowException, OSError) as e:
         reason = storage.redact(str(e))
         raise DataError(f"{storage.redact(folder)}: cannot read the prepared Parquet files ({reason}); prepare the data again") from None
@@ -126,15 +128,17 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(meta: dict[str, Any], folder: str | os.PathLike, label_set: str, image_size: int) -> None:
-    """Refuse prepared data whose label set or image size differs from what the run asks for."""
-    if meta["classes"] != label_set:
+def check_compatible(meta: dict[str, Any], folder: str | os.PathLike, label_set: str, image_size: int | str) -> None:
+    """Refuse prepared data whose label set or image size differs from what the run asks for
+    ("auto" takes the prepared data's label set)."""
+    if label_set != "auto" and meta["classes"] != label_set:
         raise DataError(
             f"{folder} was prepared for label set {meta['classes']!r}, but this run trains {label_set!r}. "
             f"Prepare it again with --classes {label_set}, or train with --classes {meta['classes']}."
         )
-    if meta["image_size"] != image_size:
+    wanted = image_size_value(image_size, bounded=False)
+    if image_size_value(meta["image_size"], bounded=False) != wanted:
         raise DataError(
-            f"{folder} was prepared at image size {meta['image_size']}, but this run asks for {image_size}. "
-            f"Prepare it again with --image-size {image_size}, or train with --image-size {meta['image_size']}."
+            f"{folder} was prepared at image size {meta['image_size']}, but this run asks for {wanted}. "
+            f"Prepare it again with --image-size {wanted}, or train with --image-size {meta['image_size']}."
         )

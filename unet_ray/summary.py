@@ -91,7 +91,7 @@ def next_commands(run_dir: Path, data: str | None, report: Path | None, storage_
     """The commands to look at a finished train run or sweep (`run_dir`: the run's or the
     experiment's folder; `checkpoint` arguments take either), with its real paths. `report`: the
     page already written, if any. `storage_dir`: the run's folder on object storage, if any."""
-    from unet_ray import storage
+    from unet_ray import layouts, storage
     from unet_ray.prepared_format import looks_prepared
 
     q = shlex.quote
@@ -101,7 +101,7 @@ def next_commands(run_dir: Path, data: str | None, report: Path | None, storage_
         photos = run_dir / "synthetic_pairs" / "val"
     else:
         eval_data = data if storage.is_uri(data) else Path(data).expanduser()
-        photos = None if looks_prepared(eval_data) else storage.join(eval_data, "val")
+        photos = None if looks_prepared(eval_data) else layouts.val_photos(eval_data)
     lines = [
         "next:",
         f"  unet-ray evaluate --checkpoint {q(run)} --data {q(str(eval_data))}",

@@ -729,7 +729,7 @@ def start_run(cfg, run_dir: Path, progress=print) -> Tracked:
     check_installed(tools)
     tags = {**version_tags(), "unet_ray.kind": "train", "unet_ray.run_folder": str(run_dir)}
     sinks = _open_sinks(tools, run_dir, cfg.run.name, cfg.to_dict(), tags, True, None, "train", True, progress)
-    return Tracked("train", run_dir, sinks, palette.class_names(cfg.data.classes))
+    return Tracked("train", run_dir, sinks, list(cfg.class_set.names))
 
 
 def start_sweep(base, search: dict[str, Any], tune_settings: dict[str, Any], experiment: Path, progress=print) -> "Sweep":
@@ -742,7 +742,7 @@ def start_sweep(base, search: dict[str, Any], tune_settings: dict[str, Any], exp
     # W&B: the sweep's run and its trials' runs share a group, the sweep's name
     sinks = _open_sinks(tools, experiment, base.run.name, params, tags, False, {"wandb_group": base.run.name}, "sweep",
                         True, progress)  # fmt: skip
-    return Sweep(base.run.name, experiment, sinks, palette.class_names(base.data.classes), tools, tags)
+    return Sweep(base.run.name, experiment, sinks, list(base.class_set.names), tools, tags)
 
 
 def _search_text(spec: dict[str, Any]) -> str:

@@ -262,8 +262,8 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared, meta = resolve_prepared(cfg, run_dir, progress)
     progress(
-        f"data: {meta['counts']['train']} train / {meta['counts']['val']} val pairs at {meta['image_size']}px, "
-        f"label set {meta['classes']}"
+        f"data: {meta['counts']['train']} train / {meta['counts']['val']} val images at {meta['image_size']}px "
+        f"({meta.get('layout', 'pairs')} layout), label set {meta['classes']} ({len(meta['class_names'])} classes)"
     )
     ingest, why = choose_ingest(cfg.data.ingest, meta, ray.cluster_resources().get("object_store_memory", 0))
     where = "streaming from " + storage_module.redact(prepared) if ingest == "streaming" else "held in memory"

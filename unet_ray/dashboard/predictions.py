@@ -1,7 +1,8 @@
 """The best checkpoint's masks for the first few validation pairs, as PNG data URIs.
 
 Rows come from `evaluate.iter_split`, the same rows validation scored, at the checkpoint's image
-size and label set; masks are drawn in the Cityscapes palette (`palette.colorize`).
+size and classes; masks are drawn in the classes' own colours (Cityscapes' palette, or a folders
+layout's classes.yaml: `palette.ClassSet.colorize`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _predict(state_file: Path, prepared: Path, count: int) -> dict[str, Any]:
     from unet_ray.prepared_format import DataError
 
     try:
-        rows, label_set, size, epoch = predict_samples(state_file, prepared, count)
+        rows, classes, size, epoch = predict_samples(state_file, prepared, count)
     except (CheckpointError, DataError, OSError) as e:
         return {"error": str(e)}
     if not rows:
@@ -74,14 +75,14 @@ def _predict(state_file: Path, prepared: Path, count: int) -> dict[str, Any]:
         for row in rows
     ]
     return {
-        "epoch": epoch, "classes": label_set, "image_size": size, "samples": samples,
-        "legend": _legend(label_set),
+        "epoch": epoch, "classes": classes.label_set, "image_size": size, "samples": samples,
+        "legend": _legend(classes),
     }
 
 
-def predict_samples(state_file: Path, prepared: Path, count: int) -> tuple[list[dict[str, Any]], str, int, Any]:
+def predict_samples(state_file: Path, prepared: Path, count: int) -> tuple[list[dict[str, Any]], Any, int | str, Any]:
     """The checkpoint's masks for the first `count` validation rows: ([{photo, truth, prediction
-    (RGB uint8 arrays, masks in the Cityscapes palette), pixel_accuracy}], label set, size, epoch)."""
+    (RGB uint8 arrays, masks in the classes' colours), pixel_accuracy}], palette.ClassSet, size, epoch)."""
     import torch
 
     from unet_ray import engine, palette
@@ -90,30 +91,29 @@ def predict_samples(state_file: Path, prepared: Path, count: int) -> tuple[list[
     from unet_ray.model import predict_classes
 
     model, cfg, state = load_model(state_file)
-    label_set, size = cfg.data.classes, cfg.data.image_size
-    batch = next(iter(iter_split(prepared, "val", label_set, size, batch_size=count)), None)
+    classes, size = cfg.class_set, cfg.data.image_size
+    custom_names = list(classes.names) if cfg.data.classes == "custom" else None
+    batch = next(iter(iter_split(prepared, "val", cfg.data.classes, size, count, class_names=custom_names)), None)
     if batch is None:
-        return [], label_set, size, state.get("epoch")
+        return [], classes, size, state.get("epoch")
     with torch.inference_mode():
-        classes = predict_classes(model(engine.to_model_input(batch["image"], torch.device("cpu")))).numpy()
+        predicted = predict_classes(model(engine.to_model_input(batch["image"], torch.device("cpu")))).numpy()
     rows = []
-    for photo, truth, pred in zip(batch["image"].numpy(), batch["mask"].numpy(), classes.astype(np.uint8)):
+    for photo, truth, pred in zip(batch["image"].numpy(), batch["mask"].numpy(), predicted.astype(np.uint8)):
         labelled = truth != palette.IGNORE_INDEX
         rows.append(
             {
                 "photo": photo,
-                "truth": palette.colorize(truth, label_set),
-                "prediction": palette.colorize(pred, label_set),
+                "truth": classes.colorize(truth),
+                "prediction": classes.colorize(pred),
                 "pixel_accuracy": float((pred[labelled] == truth[labelled]).mean()) if labelled.any() else None,
             }
         )
-    return rows, label_set, size, state.get("epoch")
+    return rows, classes, size, state.get("epoch")
 
 
-def _legend(label_set: str) -> list[dict[str, str]]:
-    """Class names and their mask colours, for the key under the images."""
+def _legend(classes) -> list[dict[str, str]]:
+    """Class names and their mask colours (a palette.ClassSet's), for the key under the images."""
     from unet_ray import palette
 
-    names = palette.class_names(label_set)
-    colors = palette.colorize(np.arange(len(names), dtype=np.uint8)[None], label_set)[0]
-    return [{"name": n, "color": "#%02x%02x%02x" % tuple(int(c) for c in rgb)} for n, rgb in zip(names, colors)]
+    return [{"name": n, "color": palette.color_hex(rgb)} for n, rgb in zip(classes.names, classes.colors)]

@@ -576,18 +576,20 @@ def read_run(run: Path, now: float) -> Snapshot:
         prepared=str(prepared) if prepared else None,
         warnings=warnings,
         kind="run",
-        per_class=_per_class(best_row, rows[-1] if rows else None, settings.get("classes")),
+        per_class=_per_class(best_row, rows[-1] if rows else None, settings.get("classes"),
+                            (_run_config(trial) or {}).get("data", {}).get("class_names")),
     )
 
 
-def _per_class(best: dict[str, Any] | None, last: dict[str, Any] | None, label_set: str | None) -> dict[str, Any] | None:
+def _per_class(best: dict[str, Any] | None, last: dict[str, Any] | None, label_set: str | None,
+               class_names: list[str] | None = None) -> dict[str, Any] | None:
     """{names, epochs: [{epoch, label, iou: [per class, None where the class is absent]}]}."""
     from unet_ray import palette
 
     if best is None or not isinstance(best.get("val_iou_per_class"), list):
         return None
     count = len(best["val_iou_per_class"])
-    names = palette.class_names(label_set) if label_set in palette.LABEL_SETS else []
+    names = palette.class_names(label_set) if label_set in palette.LABEL_SETS else list(class_names or [])
     if len(names) != count:
         names = [f"class {i}" for i in range(count)]
     epochs = [{"epoch": int(best["epoch"]), "label": f"best epoch ({int(best['epoch'])})", "iou": best["val_iou_per_class"]}]
