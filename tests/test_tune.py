@@ -255,7 +255,7 @@ def test_sweep_interrupted_then_resumed(tmp_path):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 400
     while _finished_trials(experiment) < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(2)
+        time.sleep(0.2)
     assert _finished_trials(experiment) >= 1, (tmp_path / "first.log").read_text()[-3000:]
     interrupted = proc.poll() is None
     if interrupted:
