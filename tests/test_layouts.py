@@ -510,6 +510,26 @@ def test_check_source_resolves_a_folders_layout(tmp_path, ray_must_not_start):
     cfg.validate()  # what check_source filled in is a valid custom config
 
 
+def test_check_source_takes_the_classes_of_a_prepared_folder(tmp_path, ray_must_not_start):
+    """--data a prepared folder: the classes (names and colours of a custom set) come from its
+    meta.json; a custom meta.json without colours is refused naming the folder."""
+    from unet_ray.data import check_source
+
+    root = _custom_tree(tmp_path / "f", n_train=2, n_val=1, size=(32, 32))
+    prepared = tmp_path / "prepared"
+    prepare(root, prepared, 32, progress=lambda _: None)
+    cfg = TrainConfig.from_dict({"data": {"path": str(prepared), "image_size": 32}}).validate()
+    check_source(cfg)
+    assert (cfg.data.layout, cfg.data.classes, cfg.data.class_names) == ("folders", "custom", list(CUSTOM_NAMES))
+    assert cfg.class_set == palette.class_set("custom", CUSTOM_NAMES, CUSTOM_COLORS)
+    meta = json.loads((prepared / "meta.json").read_text())
+    del meta["class_colors"]
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    cfg = TrainConfig.from_dict({"data": {"path": str(prepared), "image_size": 32}}).validate()
+    with pytest.raises(DataError, match=r"prepared: meta\.json has no usable class names and colours"):
+        check_source(cfg)
+
+
 # --- 6. the metric equals cityscapesscripts' -----------------------------------------------------
 
 

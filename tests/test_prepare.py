@@ -117,3 +117,35 @@ def test_prepare_from_a_bucket_into_a_bucket_writes_what_a_local_prepare_writes(
     assert part.metadata.row_group(0).num_rows == min(ROW_GROUP_ROWS, local["counts"]["train"])
     with pytest.raises(DataError, match=r"s3://prep/nothing is in none of the data layouts"):
         prepare("s3://prep/nothing", "s3://prep/out", 32, "road", progress=lambda _: None)
+
+
+@pytest.mark.parametrize("layout", ["cityscapes", "folders"])
+def test_a_layout_in_a_bucket_prepares_as_it_does_on_disk(s3_env, tmp_path, layout):
+    """The official Cityscapes layout and an images/ + masks/ folder, listed and read from object
+    storage: the same items, rows and classes as from a local copy (unpaired files named by URI)."""
+    import json
+
+    from layout_trees import write_cityscapes_tree, write_folders_tree
+
+    from unet_ray import storage
+    from unet_ray.prepare import prepare
+
+    bucket = s3_env.make_bucket(f"lay-{layout}")
+    if layout == "cityscapes":
+        root = write_cityscapes_tree(tmp_path / "data", per_city=1, size=(64, 128))
+    else:
+        root = write_folders_tree(tmp_path / "data", n_train=3, n_val=2, size=(48, 64), masks="rgb", split_folders=False)
+    storage.upload(root, f"{bucket}/data")
+    local = prepare(root, tmp_path / "prepared", "32x64", progress=lambda _: None)
+    remote = prepare(f"{bucket}/data", f"{bucket}/prepared", "32x64", progress=lambda _: None)
+    assert json.loads(storage.read_text(f"{bucket}/prepared/meta.json")) == remote
+    for key in ("layout", "classes", "class_names", "class_colors", "counts", "class_pixels", "image_size"):
+        assert remote[key] == local[key], key
+    for split in ("train", "val"):
+        here, there = read_prepared_split(tmp_path / "prepared", split, "32x64"), read_prepared_split(f"{bucket}/prepared", split, "32x64")
+        assert all(np.array_equal(here[k], there[k]) for k in here), split
+    # an image whose mask is missing is named by its URI
+    missing = next(p for p in storage.list_files(f"{bucket}/data", ".png") if "gtFine" in p or "/masks/" in p)
+    storage.resolve(missing)[0].delete_file(storage.resolve(missing)[1])
+    with pytest.raises(DataError, match=rf"{bucket}/data/.*: no mask \(expected {bucket}/data/"):
+        prepare(f"{bucket}/data", f"{bucket}/prepared2", "32x64", progress=lambda _: None)

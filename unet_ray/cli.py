@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder, state.pt, or a run/Tune folder (its best.json); a local path or a URI "
                         "(s3://bucket/runs/NAME, ...; each model actor fetches it into a local cache)")
     p.add_argument("--input", required=True, nargs="+", metavar="DIR_OR_FILE",
-                   help="photo files, photo folders (searched recursively) or pairs folders (train/, val/); local "
+                   help="photo files, photo folders (searched recursively), pairs folders (train/, val/) or the root "
+                        "of a Cityscapes or images/ + masks/ layout (each image scored against its mask); local "
                         "paths or URIs (s3://bucket/photos, ...: the actors read the files themselves)")
     p.add_argument("--out", required=True,
                    help="output folder (also gets summary.json and skipped.txt): a local path or a URI "

@@ -236,8 +236,13 @@ def check_source(cfg: TrainConfig) -> None:
         meta = read_meta(source)
         check_compatible(meta, storage.redact(source), d.classes, d.image_size)
         d.layout = meta.get("layout", "pairs")
-        names, colors = meta["class_names"], [palette.parse_color(c) for c in meta["class_colors"]]
-        cfg.with_classes(meta["classes"], palette.class_set(meta["classes"], names, colors))
+        classes = None  # road and cityscapes19 are known; a data set's own classes come from meta.json
+        if meta["classes"] == "custom":
+            try:
+                classes = palette.class_set("custom", meta["class_names"], [palette.parse_color(c) for c in meta["class_colors"]])
+            except (KeyError, ValueError) as e:
+                raise DataError(f"{storage.redact(source)}: meta.json has no usable class names and colours ({e}); prepare it again") from None
+        cfg.with_classes(meta["classes"], classes)
         return
     found = source_layout(source, d.layout, d.val_fraction)  # lists every split: an empty one is an error
     found.check_paired(d.skip_bad_files)
