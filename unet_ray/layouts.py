@@ -358,8 +358,9 @@ def _mask_ids(img: Image.Image, name: str, coding: MaskCoding) -> np.ndarray:
         raise BadPairError(f"{name}: a 16-bit or float mask (mode {mode}); class ids must be saved as an 8-bit PNG")
     if mode in ("RGB", "RGBA"):
         if coding.layout == "cityscapes" or not coding.colors:
-            expected = "Cityscapes label ids (the *_gtFine_labelIds.png, not *_color.png)" if coding.layout == "cityscapes" else (
-                f"class ids (classes.yaml gives no colours to map RGB masks through)"
+            expected = (
+                "Cityscapes label ids (the *_gtFine_labelIds.png, not *_color.png)" if coding.layout == "cityscapes"
+                else "class ids (classes.yaml gives no colours to map RGB masks through)"
             )
             raise BadPairError(f"{name}: an RGB mask where single-channel {expected} are expected")
         rgb = np.asarray(img.convert("RGB") if mode == "RGBA" else img).astype(np.int32)

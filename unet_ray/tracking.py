@@ -57,7 +57,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from unet_ray import jsonfile, palette
+from unet_ray import jsonfile
 from unet_ray.runfiles import HISTORY_FILE, RUNS_DIR
 from unet_ray.config import ConfigError
 
