@@ -274,6 +274,19 @@ def test_val_fraction_split_is_deterministic_disjoint_and_complete(tmp_path, fra
     assert [i.name for i in again.items("val")[0]] == val and [i.name for i in again.items("train")[0]] == train
 
 
+def test_one_images_folder_is_listed_once_for_both_splits(tmp_path, monkeypatch):
+    """Listing a bucket of thousands of files costs seconds: train and val of one images/ + masks/
+    come from one listing; and a data folder listed by the caller is not listed again by prepare."""
+    root = write_folders_tree(tmp_path / "one", n_train=4, n_val=1, size=(16, 16), split_folders=False)
+    calls = []
+    real_match = layouts._match
+    monkeypatch.setattr(layouts, "_match", lambda *args: calls.append(args) or real_match(*args))
+    found = layouts.detect(root)
+    assert len(found.items("train")[0]) + len(found.items("val")[0]) == 5 and len(calls) == 1
+    prepare(root, tmp_path / "prepared", 16, progress=lambda _: None, found=found)
+    assert len(calls) == 1
+
+
 def test_rgb_masks_map_through_classes_yaml_colours(tmp_path):
     # The same scenes written as class ids and as classes.yaml colours read as the same ids (the
     # ids tree also has an ignored corner, which RGB masks cannot express).

@@ -26,8 +26,8 @@ def test_labels_match_official_cityscapes_table():
 def test_train_labels_are_the_19_classes_in_order():
     assert [lb.train_id for lb in palette.TRAIN_LABELS] == list(range(19))
     assert palette.TRAIN_LABELS[0].name == "road"
-    assert palette.num_classes("road") == 2
-    assert palette.num_classes("cityscapes19") == 19
+    assert len(palette.class_set("road")) == 2
+    assert len(palette.class_set("cityscapes19")) == 19
 
 
 def test_jpeg_noisy_masks_decode_to_drawn_classes():
@@ -91,16 +91,16 @@ def test_to_label_set():
 
 
 def test_colorize():
-    road = palette.colorize(np.array([[1, 0]], dtype=np.uint8), "road")
+    road = palette.class_set("road").colorize(np.array([[1, 0]], dtype=np.uint8))
     assert road[0, 0].tolist() == [128, 64, 128]
     assert road[0, 1].tolist() == [0, 0, 0]
-    full = palette.colorize(np.array([[0, 10, 255]], dtype=np.uint8), "cityscapes19")
+    full = palette.class_set("cityscapes19").colorize(np.array([[0, 10, 255]], dtype=np.uint8))
     assert full[0].tolist() == [[128, 64, 128], [70, 130, 180], [0, 0, 0]]
     with pytest.raises(ValueError, match="unknown label set 'nope'"):
-        palette.colorize(np.zeros((1, 1), dtype=np.uint8), "nope")
+        palette.class_set("nope").colorize(np.zeros((1, 1), dtype=np.uint8))
 
 
 def test_colorize_then_decode_round_trips():
     ids = np.arange(19, dtype=np.uint8).reshape(1, 19)
-    back, _ = palette.decode_color_mask(palette.colorize(ids, "cityscapes19"))
+    back, _ = palette.decode_color_mask(palette.class_set("cityscapes19").colorize(ids))
     assert np.array_equal(back, ids)

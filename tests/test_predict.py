@@ -233,7 +233,7 @@ def test_predictor_masks_are_the_logits_upsampled_to_the_photo(city_checkpoint, 
     mask = np.asarray(Image.open(tmp_path / "out" / "odd_mask.png"))
     np.testing.assert_array_equal(mask, expected)
     color = np.asarray(Image.open(tmp_path / "out" / "odd_color.png"))
-    np.testing.assert_array_equal(color, palette.colorize(mask, "cityscapes19"))
+    np.testing.assert_array_equal(color, palette.class_set("cityscapes19").colorize(mask))
 
 
 def test_cli_input_errors_stop_before_ray(trained, tmp_path, capsys, monkeypatch):

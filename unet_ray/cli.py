@@ -102,7 +102,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from unet_ray.config import ConfigError, image_size_value
-    from unet_ray.prepare import needs_ray, prepare
+    from unet_ray.prepare import needs_ray, prepare, source_layout
     from unet_ray.raysession import ensure_ray
 
     try:
@@ -112,9 +112,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     check_uris(("source", args.src, True), ("output folder", args.out, False))
-    if needs_ray(args.src, args.layout, args.val_fraction):  # no layout, an empty split: a DataError here, before Ray
+    found = source_layout(args.src, args.layout, args.val_fraction)  # no layout, an empty split: a DataError here, before Ray
+    if needs_ray(found):
         ensure_ray()
-    prepare(args.src, args.out, image_size, args.classes, args.skip_bad_files, layout=args.layout, val_fraction=args.val_fraction)
+    prepare(args.src, args.out, image_size, args.classes, args.skip_bad_files, found=found)
     return 0
 
 

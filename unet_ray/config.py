@@ -361,14 +361,6 @@ def image_size_value(value: Any, where: str = "data.image_size", bounded: bool =
     return h if h == w else f"{h}x{w}"
 
 
-def check_image_size(size: Any) -> bool:
-    try:
-        image_size_value(size)
-    except ConfigError:
-        return False
-    return True
-
-
 def _validate(cfg: TrainConfig, check_paths: bool) -> None:
     d, m, o, r = cfg.data, cfg.model, cfg.optim, cfg.run
 

@@ -312,5 +312,5 @@ def resolve_prepared(cfg: TrainConfig, run_dir: Path, progress=print) -> tuple[s
             skipped = f"; {meta['skipped']} bad files left out, see {storage.join(target, SKIPPED_FILE)}" if meta.get("skipped") else ""
             progress(f"data: reusing {storage.redact(target)} (prepared from {storage.redact(source)}{skipped})")
             return target, meta
-    meta = prepare(source, target, d.image_size, d.classes, d.skip_bad_files, progress=progress, layout=found.kind, val_fraction=d.val_fraction)
+    meta = prepare(source, target, d.image_size, d.classes, d.skip_bad_files, progress=progress, found=found)
     return target, meta

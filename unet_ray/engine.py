@@ -143,9 +143,9 @@ def evaluate(
 ) -> dict[str, ConfusionMatrix]:
     """Confusion matrices of `model` over `batches` (not reduced across processes): "train_size"
     against the masks at the training size and, with `native`, "native" against the batches'
-    `mask_native` (each image's own resolution: 256x256 for pairs, 2048x1024 for Cityscapes), with
-    the logits upsampled to it one image at a time (a batch of 19-class logits at 2048x1024 would
-    take gigabytes).
+    `mask_native` (each image's own resolution), with the logits upsampled to it: a tensor (one
+    size, 256x256 for pairs) in one go, a list of tensors (a data folder's images, 2048x1024 for
+    Cityscapes) one image at a time (a batch of 19-class logits at 2048x1024 would take gigabytes).
     Both exist even when there are no batches, so every worker all-reduces the same matrices."""
     model.eval()
     confusion = {"train_size": ConfusionMatrix(num_classes, device)}
@@ -157,7 +157,12 @@ def evaluate(
             logits = predict_logits(model, x, flip_tta)
         confusion["train_size"].update(batch["mask"].to(device), predict_classes(logits))
         if native:
-            for one_logits, truth in zip(logits, batch["mask_native"]):
+            native_masks = batch["mask_native"]
+            if isinstance(native_masks, torch.Tensor):  # one size for the batch (prepared pairs: 256x256)
+                truth = native_masks.to(device)
+                confusion["native"].update(truth, predict_classes(to_native_size(logits, truth.shape[-2:])))
+                continue
+            for one_logits, truth in zip(logits, native_masks):  # a list: each image at its own size
                 truth = truth.to(device)
                 confusion["native"].update(truth, predict_classes(to_native_size(one_logits[None], truth.shape[-2:]))[0])
     return confusion

@@ -67,8 +67,8 @@ def iter_split(
         _check_class_names(list(found.classes.names), class_names, shown)
     items, problems = found.items(split)
     if problems and skipped is None:
-        raise DataError(f"{problems[0]} (and {len(problems) - 1} more) (pass --skip-bad-files to leave such files out)" if len(problems) > 1
-                        else f"{problems[0]} (pass --skip-bad-files to leave such files out)")  # fmt: skip
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more} (pass --skip-bad-files to leave such files out)")
     if skipped is not None:
         skipped += problems
     images, masks, native = [], [], []

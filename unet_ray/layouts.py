@@ -25,7 +25,9 @@ predict all read items through here.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -67,6 +69,16 @@ class MaskCoding:
     colors: tuple[tuple[int, int, int], ...] = ()  # folders: RGB masks' colour of each class id
     ignore_color: tuple[int, int, int] | None = None
 
+    def to_json(self) -> str:
+        """As a string (a column value of predict's items)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "MaskCoding":
+        values = json.loads(text)
+        colors, ignore = values.pop("colors"), values.pop("ignore_color")
+        return cls(**values, colors=tuple(tuple(c) for c in colors), ignore_color=tuple(ignore) if ignore else None)
+
 
 @dataclass
 class Layout:
@@ -92,11 +104,12 @@ class Layout:
                     listed = ([Item(str(p), None, uri_stem(p)) for p in list_pairs(self.root, split)], [])
                 except FileNotFoundError as e:
                     raise DataError(str(e)) from None
+                self._listed[split] = listed
             elif self.kind == "cityscapes":
-                listed = _cityscapes_items(self.root, split)
+                self._listed[split] = _cityscapes_items(self.root, split)
             else:
-                listed = _folders_items(self.root, split, self.val_fraction)
-            self._listed[split] = listed
+                for listed_split, listed in _folders_items(self.root, split, self.val_fraction).items():
+                    self._listed.setdefault(listed_split, listed)
         return self._listed[split]
 
     def check_paired(self, skip_bad_files: bool) -> list[str]:
@@ -248,12 +261,14 @@ def _cityscapes_items(root, split: str) -> tuple[list[Item], list[str]]:
     return items, problems
 
 
-def _folders_items(root, split: str, val_fraction: float) -> tuple[list[Item], list[str]]:
+def _folders_items(root, split: str, val_fraction: float) -> dict[str, tuple[list[Item], list[str]]]:
+    """{split: (items, problems)} of `split`'s own folders, or of both splits when one images/ +
+    masks/ is split by `val_fraction` (listed once for both)."""
     if _is_dir(root, split, "images"):
         items, problems = _match(os.fspath(storage.join(root, split, "images")), os.fspath(storage.join(root, split, "masks")))
         if not items:
             raise DataError(f"{storage.redact(storage.join(root, split, 'images'))}: the {split} split has no image with its mask")
-        return items, problems
+        return {split: (items, problems)}
     if not (_is_dir(root, "images") and _is_dir(root, "masks")):
         raise DataError(f"{storage.redact(root)}: no {split}/images/ (nor one images/ + masks/ to split)")
     items, problems = _match(os.fspath(storage.join(root, "images")), os.fspath(storage.join(root, "masks")))
@@ -262,8 +277,10 @@ def _folders_items(root, split: str, val_fraction: float) -> tuple[list[Item], l
     # A fixed random subset for val, the same on every run (files are often in capture order).
     order = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(items))
     n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
-    chosen = sorted(order[:n_val]) if split == "val" else sorted(order[n_val:])
-    return [items[i] for i in chosen], problems if split == "train" else []  # problems reported once
+    return {  # the unpaired files are reported once, with train
+        "train": ([items[i] for i in sorted(order[n_val:])], problems),
+        "val": ([items[i] for i in sorted(order[:n_val])], []),
+    }
 
 
 def _match(images_dir: str, masks_dir: str) -> tuple[list[Item], list[str]]:

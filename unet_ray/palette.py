@@ -110,10 +110,6 @@ def class_names(label_set: str) -> list[str]:
     return list(class_set(label_set).names)
 
 
-def num_classes(label_set: str) -> int:
-    return len(class_set(label_set))
-
-
 def parse_color(value) -> tuple[int, int, int]:
     """[r, g, b] or "#rrggbb" -> (r, g, b); a ValueError naming the value otherwise."""
     if isinstance(value, str) and len(value) == 7 and value.startswith("#"):
@@ -212,7 +208,3 @@ def to_label_set(train_ids: np.ndarray, label_set: str) -> np.ndarray:
         return (train_ids == ROAD_TRAIN_ID).astype(np.uint8)
     return train_ids
 
-
-def colorize(class_ids: np.ndarray, label_set: str) -> np.ndarray:
-    """Class ids (H, W) -> palette colours (H, W, 3) for viewing; ignored pixels are black."""
-    return class_set(label_set).colorize(class_ids)

@@ -23,9 +23,7 @@ summary.json at the end. Every path or URI printed or written is redacted (stora
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
-import json
 import math
 import os
 import time
@@ -156,7 +154,7 @@ def _add_layout(root: Path | str, add, classes: palette.ClassSet | None) -> bool
                 f"input {storage.redact(root)} ({kind} layout, classes {', '.join(own)}) does not fit the "
                 f"checkpoint's classes ({classes.label_set}: {', '.join(classes.names)})"
             )
-    coding = json.dumps(dataclasses.asdict(found.coding))
+    coding = found.coding.to_json()
     for split in SPLITS:
         try:
             items, problems = found.items(split)
@@ -226,11 +224,8 @@ def read_input(path: str, kind: str = "auto", mask: str = "", coding: str = "") 
     file, read as layouts.read_item reads it with the MaskCoding `coding` (JSON). Raises BadInputError.
     """
     if kind == "layout":
-        values = json.loads(coding)
-        values["colors"] = tuple(tuple(c) for c in values["colors"])
-        values["ignore_color"] = tuple(values["ignore_color"]) if values["ignore_color"] else None
         try:
-            return layouts.read_item(layouts.Item(path, mask, uri_stem(path)), layouts.MaskCoding(**values))
+            return layouts.read_item(layouts.Item(path, mask, uri_stem(path)), layouts.MaskCoding.from_json(coding))
         except BadPairError as e:
             raise BadInputError(str(e)) from None
     if storage.is_uri(path):  # read here, in the actor: the driver never holds the photos

@@ -100,6 +100,7 @@ def prepare(
     progress=print,
     layout: str = "auto",
     val_fraction: float = 0.2,
+    found: Layout | None = None,
 ) -> dict[str, Any]:
     """Prepare the data folder `src` (any of layouts.LAYOUTS; `layout` forces one) into `out`;
     returns the meta written. `label_set`: "auto" (the layout's own), "road", "cityscapes19", "custom".
@@ -109,13 +110,14 @@ def prepare(
     With it, bad files are left out, listed in skipped.txt and counted.
     Rows are written as they are decoded, a part file at a time: memory does not grow with the
     data set. Needs a running Ray (`ray.init`) only for more than IN_PROCESS_MAX_PAIRS files
-    (`needs_ray`).
+    (`needs_ray`). `found`: `src` already listed (source_layout), so that a caller that has listed
+    it (a bucket of thousands of files, say) does not list it again.
     """
     src = src if storage.is_uri(src) else Path(src).expanduser().resolve()
     out = out if storage.is_uri(out) else Path(out).expanduser().resolve()
     image_size = image_size_value(image_size, bounded=False)
     shown_src, shown_out = storage.redact(src), storage.redact(out)
-    found = source_layout(src, layout, val_fraction)
+    found = found or source_layout(src, layout, val_fraction)
     label_set = layouts.check_classes(found, label_set)
     unpaired = found.check_paired(skip_bad_files)
     files = {split: found.items(split)[0] for split in SPLITS}
@@ -304,8 +306,7 @@ class _PartWriter:
         self.files += 1
 
 
-def needs_ray(src: str | os.PathLike, layout: str = "auto", val_fraction: float = 0.2) -> bool:
-    """Whether `prepare(src, ...)` decodes with Ray Data tasks (and so needs Ray started)."""
-    src = src if storage.is_uri(src) else Path(src).expanduser()
-    found = source_layout(src, layout, val_fraction)
+def needs_ray(found: Layout) -> bool:
+    """Whether `prepare` of the listed data folder `found` (source_layout) decodes with Ray Data
+    tasks (and so needs Ray started)."""
     return sum(len(found.items(split)[0]) for split in SPLITS) > IN_PROCESS_MAX_PAIRS
