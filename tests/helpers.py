@@ -1,8 +1,9 @@
 """Process helpers for tests: kill a `unet-ray` command and the local Ray it started; see which
-addresses the processes of a Ray listen on; find a free port."""
+addresses the processes of a Ray listen on; find a free port; a local Ray in the test process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -119,3 +120,23 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float) -> subprocess.
     finally:
         kill_session(proc.pid)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def in_process_ray():
+    """A local Ray in this process, started as a command starts it (ensure_ray), for the block.
+    The environment is as before afterwards: ensure_ray names its Ray's dashboard and settings
+    there, and a later test in this process (pytest-xdist runs the modules in any order) would
+    hand them to the commands and clusters it starts."""
+    import ray
+
+    from unet_ray.raysession import ensure_ray
+
+    before = dict(os.environ)
+    ensure_ray()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(before)

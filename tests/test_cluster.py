@@ -354,6 +354,21 @@ def assert_sweep_fills(gpus: int) -> None:
     assert sweep.base.run.gpu and sweep.tune.max_concurrent_trials == gpus // sweep.base.run.workers
 
 
+def test_a_client_of_the_cluster_is_not_sent_to_a_local_ray_started_before():
+    """A process that started a local Ray (an in-process `unet-ray` call) named that Ray's dashboard
+    in RAY_API_SERVER_ADDRESS; `ray job submit` and the nodes of a cluster started from it would ask
+    that one instead (seen: "Failed to connect to Ray at address" of the old Ray). A user's own
+    value stays."""
+    from unet_ray.raysession import API_SERVER_ENV, OWN_API_SERVER_ENV
+
+    c = cluster.LocalCluster(temp_dir="/tmp/x", port=1, dashboard_port=2, token_path="/tmp/x/token", pids=[], logs=[])
+    ours = {API_SERVER_ENV: "http://127.0.0.1:5", OWN_API_SERVER_ENV: "http://127.0.0.1:5", "PATH": "/bin"}
+    env = cluster.client_env(c, ours)
+    assert API_SERVER_ENV not in env and OWN_API_SERVER_ENV not in env and env["RAY_AUTH_TOKEN_PATH"] == "/tmp/x/token"
+    users = {**ours, API_SERVER_ENV: "http://127.0.0.1:7"}
+    assert cluster.client_env(c, users)[API_SERVER_ENV] == "http://127.0.0.1:7"
+
+
 def test_cloud_launcher_config_passes_validation():
     from packaging.specifiers import SpecifierSet
     from ray.autoscaler._private.util import prepare_config, validate_config

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import in_process_ray
 from PIL import Image
 
 from unet_ray import checkpoint as ckpt_io
@@ -69,13 +70,8 @@ def city_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    from unet_ray.raysession import ensure_ray
-
-    ensure_ray()
-    yield
-    ray.shutdown()
+    with in_process_ray():
+        yield
 
 
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:

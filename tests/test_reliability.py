@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_claiming_a_huge_size
-from helpers import kill_session
+from helpers import in_process_ray, kill_session
 from unet_ray import pairs
 from unet_ray.cli import main
 
@@ -75,13 +75,8 @@ class TestBadInputThroughRay:
 
     @pytest.fixture(scope="class", autouse=True)
     def ray_session(self):
-        import ray
-
-        from unet_ray.raysession import ensure_ray
-
-        ensure_ray()
-        yield
-        ray.shutdown()
+        with in_process_ray():
+            yield
 
     @pytest.fixture(params=["ray_tasks", "in_process"])
     def decode_in(self, request, monkeypatch):

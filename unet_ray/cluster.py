@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from unet_ray.raysession import API_SERVER_ENV, OWN_API_SERVER_ENV
+
 DEFAULT_TEMP_DIR = "/tmp/unet_ray_cluster"  # short: Ray's unix socket paths must stay < 108 bytes
 STATE_FILE = "unet_ray_cluster.json"
 MARKER_ENV = "UNET_RAY_LOCAL_CLUSTER"  # set to the temp dir in every process of the cluster
@@ -100,6 +102,12 @@ def client_env(cluster: LocalCluster, base: dict[str, str] | None = None) -> dic
     # Otherwise a client turns RAY_ADDRESS=127.0.0.1:PORT into the machine's network address,
     # where nothing listens (see _START_EXTRA_NODE).
     env[LOOPBACK_ONLY_ENV] = "0"
+    # The dashboard of a local Ray that this process started earlier (raysession.own_api_server
+    # names it for Ray's state-API helpers): a client or node of this cluster would ask that one
+    # (measured: `ray job submit --address <this cluster>` then failed to connect). A user's own
+    # value is kept.
+    if env.get(API_SERVER_ENV) and env.get(API_SERVER_ENV) == env.get(OWN_API_SERVER_ENV):
+        del env[API_SERVER_ENV], env[OWN_API_SERVER_ENV]
     return env
 
 
