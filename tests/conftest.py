@@ -41,9 +41,9 @@ def pytest_configure(config):
 
 
 # The README's test command runs the suite in two pytest-xdist workers (-n 2, --dist loadfile:
-# each module whole in one worker, its fixtures made once). Alone, the suite kept 2 cores only
-# ~63 % busy (mostly one core: Ray start-ups, job submissions, one-thread tests); two workers
-# kept them ~82 % busy. A worker takes the next module in this order when it is nearly done with
+# each module whole in one worker, its fixtures made once). Alone, the suite kept 2 cores
+# ~63 % busy (often one core only: Ray start-ups, job submissions, one-thread tests); two workers
+# kept them ~91 % busy. A worker takes the next module in this order when it is nearly done with
 # its own: the modules with the longest Ray runs first (serial seconds, 2026-12-06: 113, 97, 77,
 # 64, 62, 57, 50, 33), so that the two workers end together.
 LONGEST_MODULES_FIRST = (
