@@ -437,34 +437,33 @@ def _no_output(out: Path) -> bool:
     return not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
+def _stops_then_skips(root: Path, out: Path, message: str, counts: dict[str, int]) -> str:
+    """prepare of `root` with one bad file: stops with `message` and writes nothing; with
+    --skip-bad-files, writes `counts` rows and lists that one file in skipped.txt (its line)."""
+    with pytest.raises(DataError, match=message):
+        _prepare(root, out)
+    assert _no_output(out)
+    meta = _prepare(root, out, skip_bad_files=True)
+    assert meta["skipped"] == 1 and meta["counts"] == counts
+    [skipped] = (out / "skipped.txt").read_text().splitlines()
+    return skipped
+
+
 def test_prepare_unpaired_image_stops_or_is_skipped(tmp_path):
     root = _custom_tree(tmp_path / "f", n_train=3, n_val=2, size=(40, 56))
     lonely = root / "train" / "images" / "img_001.jpg"
     (root / "train" / "masks" / "img_001.png").unlink()
-    out = tmp_path / "prepared"
-    with pytest.raises(DataError, match=r"have no partner:\n  .*img_001\.jpg: no mask"):
-        _prepare(root, out)
-    assert _no_output(out)
-
-    meta = _prepare(root, out, skip_bad_files=True)
-    assert meta["skipped"] == 1 and meta["counts"] == {"train": 2, "val": 2}
-    skipped = (out / "skipped.txt").read_text().splitlines()
-    assert len(skipped) == 1 and skipped[0].startswith(str(lonely)) and "no mask" in skipped[0]
+    skipped = _stops_then_skips(root, tmp_path / "prepared", r"have no partner:\n  .*img_001\.jpg: no mask", {"train": 2, "val": 2})
+    assert skipped.startswith(str(lonely)) and "no mask" in skipped
 
 
 def test_prepare_bad_mask_stops_or_is_skipped(tmp_path):
     root = _cs_tree(tmp_path)
     bad = _cs_gt(root, "val", "bochum", 0)
     _save_png(np.full(CS_SMALL, 40, np.uint8), bad)  # 40: no Cityscapes label id
-    out = tmp_path / "prepared"
-    with pytest.raises(DataError, match=r"1 of 8 files in .* cannot be used:\n  .*bochum_000000_000000_gtFine_labelIds\.png: label ids 40"):
-        _prepare(root, out)
-    assert _no_output(out)
-
-    meta = _prepare(root, out, skip_bad_files=True)
-    assert meta["skipped"] == 1 and meta["counts"] == {"train": 4, "val": 3}
-    skipped = (out / "skipped.txt").read_text().splitlines()
-    assert len(skipped) == 1 and str(bad) in skipped[0] and "label ids 40" in skipped[0]
+    message = r"1 of 8 files in .* cannot be used:\n  .*bochum_000000_000000_gtFine_labelIds\.png: label ids 40"
+    skipped = _stops_then_skips(root, tmp_path / "prepared", message, {"train": 4, "val": 3})
+    assert str(bad) in skipped and "label ids 40" in skipped
 
 
 # --- 5. before Ray -------------------------------------------------------------------------------
@@ -656,7 +655,7 @@ def test_evaluate_keys_ious_by_the_yaml_names_and_refuses_other_classes(custom_s
     assert list(result["val_iou_per_class_native"]) == list(CUSTOM_NAMES)
 
     other = write_folders_tree(tmp_path / "other", n_train=1, n_val=1, size=(48, 80), classes=("sky", "road", "car"), colors=CUSTOM_COLORS)
-    with pytest.raises(DataError, match=r"has the classes sky, road, car, but the checkpoint predicts background, road, car"):
+    with pytest.raises(DataError, match=r"folders layout, classes sky, road, car\) does not fit the checkpoint's classes \(custom: background, road, car\)"):
         evaluate_checkpoint(ckpt, other)
 
 

@@ -61,10 +61,7 @@ def iter_split(
             yield {k: torch.from_numpy(a[start : start + batch_size].copy()) for k, a in arrays.items()}
         return
     found = layouts.detect(data, layout, val_fraction)
-    if layouts.check_classes(found, label_set) != label_set:  # a DataError when they do not fit at all
-        raise DataError(f"{shown} ({found.kind} layout) has other classes than the checkpoint ({label_set})")
-    if found.classes is not None and label_set == "custom":
-        _check_class_names(list(found.classes.names), class_names, shown)
+    layouts.check_model_classes(found, label_set, class_names)
     items, problems = found.items(split)
     if problems and skipped is None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

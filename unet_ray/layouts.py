@@ -283,14 +283,17 @@ def _folders_items(root, split: str, val_fraction: float) -> dict[str, tuple[lis
     }
 
 
+def _files_by_key(folder: str) -> dict[str, list[str]]:
+    """The image files below `folder` by their path below it without suffix (several: a clash)."""
+    found: dict[str, list[str]] = {}
+    for p in _list(folder, PHOTO_SUFFIXES):
+        found.setdefault(_relative_key(p, folder, os.path.splitext(p)[1]), []).append(p)
+    return found
+
+
 def _match(images_dir: str, masks_dir: str) -> tuple[list[Item], list[str]]:
     """Images and masks matched by their path below their folder without suffix."""
-    images: dict[str, list[str]] = {}
-    for p in _list(images_dir, PHOTO_SUFFIXES):
-        images.setdefault(_relative_key(p, images_dir, os.path.splitext(p)[1]), []).append(p)
-    masks: dict[str, list[str]] = {}
-    for p in _list(masks_dir, PHOTO_SUFFIXES):
-        masks.setdefault(_relative_key(p, masks_dir, os.path.splitext(p)[1]), []).append(p)
+    images, masks = _files_by_key(images_dir), _files_by_key(masks_dir)
     items, problems = [], []
     for key in sorted(images):
         if len(images[key]) > 1 or len(masks.get(key, [])) > 1:
@@ -448,3 +451,17 @@ def check_classes(layout: Layout, label_set: str) -> str:
         raise DataError(f"--classes {label_set} does not fit {layout.shown} ({layout.kind} layout): {hint}")
     return label_set
 
+
+def check_model_classes(layout: Layout, label_set: str, names=None) -> None:
+    """A DataError unless a model of `label_set` (for "custom": of the classes `names`, in order)
+    can be scored on `layout`'s masks: pairs and Cityscapes masks give road or the 19 classes, a
+    folders layout's masks the classes of its classes.yaml (evaluate and predict of a checkpoint)."""
+    if layout.kind == "folders":
+        own = list(layout.classes.names)
+        fits = label_set == "custom" and (names is None or list(names) == own)
+        what = f"{layout.kind} layout, classes {', '.join(own)}"
+    else:
+        fits, what = label_set in palette.LABEL_SETS, f"{layout.kind} layout"
+    if not fits:
+        model = f"{label_set}: {', '.join(names)}" if names else label_set
+        raise DataError(f"{layout.shown} ({what}) does not fit the checkpoint's classes ({model})")

@@ -147,13 +147,7 @@ def _add_layout(root: Path | str, add, classes: palette.ClassSet | None) -> bool
         return False
     found = layouts.detect(root, kind)  # a bad classes.yaml is an error, not a folder of photos
     if classes is not None:
-        own = found.classes.names if found.classes is not None else ()
-        fits = classes.label_set in ("road", "cityscapes19") if kind == "cityscapes" else tuple(own) == tuple(classes.names)
-        if not fits:
-            raise DataError(
-                f"input {storage.redact(root)} ({kind} layout, classes {', '.join(own)}) does not fit the "
-                f"checkpoint's classes ({classes.label_set}: {', '.join(classes.names)})"
-            )
+        layouts.check_model_classes(found, classes.label_set, classes.names)
     coding = found.coding.to_json()
     for split in SPLITS:
         try:
