@@ -446,6 +446,8 @@ def _stops_then_skips(root: Path, out: Path, message: str, counts: dict[str, int
     meta = _prepare(root, out, skip_bad_files=True)
     assert meta["skipped"] == 1 and meta["counts"] == counts
     [skipped] = (out / "skipped.txt").read_text().splitlines()
+    named = skipped.split(": ", 1)[0]
+    assert skipped.count(named) == 1, skipped  # "path: reason", the path once
     return skipped
 
 

@@ -84,7 +84,7 @@ class DataSection:
     class_names: list[str] = field(default_factory=list)
     class_colors: list[str] = field(default_factory=list)  # "#rrggbb" per class
     val_fraction: float = 0.2  # folders layout with one images/ + masks/: the share held out for val
-    augment: str = "light"  # preset: none, light, medium, strong (transforms.AUGMENT_PRESETS); true = medium
+    augment: str = "light"  # preset: none, light, medium, strong, scale (AUGMENT_PRESETS); true = medium
     skip_bad_files: bool = False
     ingest: str = "auto"  # auto, memory or streaming (INGEST_MODES)
     synth_train: int = 96  # size of the built-in synthetic data set

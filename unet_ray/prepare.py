@@ -75,7 +75,6 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int | str, label_set:
     return {
         "id": np.array(ids, dtype=object),
         "split": batch["split"],
-        "path": batch["image"],
         "image": np.array(images, dtype=object),
         "mask": np.array(masks, dtype=object),
         "mask_native": np.array(native_masks, dtype=object),
@@ -142,10 +141,10 @@ def prepare(
     remove_work()
     try:
         meta, bad = _decode_and_write(files, shown_src, fs, work, image_size, label_set, found, progress)
-        bad = [{"path": problem.split(": ", 1)[0], "error": problem} for problem in unpaired] + bad
+        bad = unpaired + bad  # each "path: what is wrong"
         meta["skipped"] = len(bad)
         if bad and not skip_bad_files:
-            listing = "\n  ".join(r["error"] for r in bad[:20])
+            listing = "\n  ".join(bad[:20])
             more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
             raise DataError(
                 f"{len(bad)} of {total} files in {shown_src} cannot be used:\n  {listing}{more}\n"
@@ -153,7 +152,7 @@ def prepare(
                 f"{SKIPPED_FILE} next to the output)."
             )
         if bad:
-            _write_text(fs, f"{work}/{SKIPPED_FILE}", "".join(f"{r['path']}: {r['error']}\n" for r in bad))
+            _write_text(fs, f"{work}/{SKIPPED_FILE}", "".join(f"{problem}\n" for problem in bad))
         _write_text(fs, f"{work}/{META_FILE}", json.dumps(meta, indent=2))
         if not in_place:
             if out.exists():
@@ -206,11 +205,11 @@ def _decode_and_write(files: dict[str, list[Item]], shown_src: str, fs, work: st
     writers = {split: _PartWriter(fs, f"{work}/{split}", rows_per_part_file(image_size, pairs_layout), keep_native=split == "val" and pairs_layout)
                for split in SPLITS}  # fmt: skip
     class_pixels = np.zeros(256, np.int64)
-    bad: list[dict[str, str]] = []
+    bad: list[str] = []  # each message names its file: "path: what is wrong"
     for batch in _decoded_batches(items, decode_args):
         failed = batch.filter(pc.not_equal(batch["error"], ""))
-        bad += [{"path": p, "error": e} for p, e in zip(failed["path"].to_pylist(), failed["error"].to_pylist())]
-        good = batch.filter(pc.equal(batch["error"], "")).drop_columns(["error", "path"])
+        bad += failed["error"].to_pylist()
+        good = batch.filter(pc.equal(batch["error"], "")).drop_columns(["error"])
         for split in SPLITS:
             part = good.filter(pc.equal(good["split"], split))
             if part.num_rows:

@@ -12,10 +12,8 @@ import os
 import cv2
 import numpy as np
 
+from unet_ray.config import AUGMENT_PRESETS  # the presets train_augmentation builds; config checks names against them
 from unet_ray.palette import IGNORE_INDEX
-
-
-AUGMENT_PRESETS = ("none", "light", "medium", "strong", "scale")
 
 Size = int | tuple[int, int]
 
